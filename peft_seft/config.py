@@ -1,0 +1,187 @@
+"""`SEFTConfig`: the configuration of a SEFT adapter (see ../shared/SEFT_METHOD.md for the method)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from .registration import SEFT_PEFT_TYPE
+from .sparsity import parse_nm_pattern
+
+DROP_SCHEDULES = ("cosine", "linear")
+PRUNE_CRITERIA = ("sensitivity", "magnitude", "wanda")
+
+
+@dataclass
+class SEFTConfig(PeftConfig):
+    """Configuration of a SEFT (Sparsity Evolution Fine-Tuning) adapter.
+
+    SEFT trains values at a small, evolving set of positions of each target weight. Every
+    ``update_interval`` optimizer steps the positions with the smallest values are dropped, the positions
+    with the largest accumulated gradients (pruned positions included) are grown, and the least sensitive
+    frozen weights are pruned so that every layer keeps exactly as many non-zeros as its base weight had.
+    """
+
+    density: float = field(
+        default=0.01,
+        metadata={
+            "help": "Fraction of each target weight that is trainable: K = round(density * out * in) values per layer. "
+            "Ignored when `num_trainable` is set."
+        },
+    )
+    num_trainable: int | None = field(
+        default=None,
+        metadata={
+            "help": "Absolute total number of trainable values, split over the target layers in proportion to their "
+            "size. Overrides `density` when set."
+        },
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names (or suffixes), a regex, or 'all-linear'. Default: every linear projection inside "
+            "the numbered transformer blocks (never the LM head or the embeddings). nn.Linear and transformers' "
+            "Conv1D are supported."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Module names (or suffixes), or a regex, of modules never to adapt."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules apart from SEFT layers that are fully trained and saved (e.g. a classifier head)."},
+    )
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None,
+        metadata={
+            "help": "Token indices of the embedding matrix to train sparsely (PEFT's trainable tokens); a list for the "
+            "input embedding, or a dict of embedding-module name to indices."
+        },
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None,
+        metadata={"help": "Only adapt the blocks with these indices (default: all blocks)."},
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Name of the block list, used with `layers_to_transform` (e.g. 'layers' or 'h')."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "Start the trainable values at zero so the adapted model equals the base model exactly. "
+            "False starts them at small random values (for tests only)."
+        },
+    )
+    random_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed for the initial random positions; None uses torch's global generator (so two adapters "
+            "differ unless the user seeds torch)."
+        },
+    )
+    update_interval: int = field(
+        default=20,
+        metadata={"help": "Optimizer steps between two evolution rounds (drop, grow, re-prune)."},
+    )
+    selection_steps: int = field(
+        default=5,
+        metadata={
+            "help": "Number of optimizer steps before each round whose gradients are accumulated for growth and "
+            "sensitivity. At most `update_interval`."
+        },
+    )
+    initial_drop_rate: float = field(
+        default=0.2,
+        metadata={
+            "help": "Fraction of the trainable positions replaced in the first round; decays to 0 at `total_steps`. "
+            "0 turns evolution off (a static sparse delta)."
+        },
+    )
+    drop_schedule: Literal["cosine", "linear"] = field(
+        default="cosine",
+        metadata={"help": "Decay of the drop rate from `initial_drop_rate` to 0: 'cosine' or 'linear'."},
+    )
+    full_reselection_first: bool = field(
+        default=False,
+        metadata={
+            "help": "SpIEL's option: the first round re-selects all positions (drop rate 1.0), replacing the random "
+            "initial positions with gradient-chosen ones."
+        },
+    )
+    grow_pruned: bool = field(
+        default=True,
+        metadata={
+            "help": "Allow growth into positions that are zero in the base weight or were pruned by SEFT "
+            "(re-activation). False restricts growth to currently active weights."
+        },
+    )
+    prune_criterion: Literal["sensitivity", "magnitude", "wanda"] = field(
+        default="sensitivity",
+        metadata={
+            "help": "Score used to choose which frozen weights pay for re-activated ones: 'sensitivity' |W*G| "
+            "(first-order Taylor), 'magnitude' |W|, or 'wanda' |W|*||X_col||."
+        },
+    )
+    seed_optimizer_state: bool = field(
+        default=False,
+        metadata={
+            "help": "Seed the Adam moments of grown entries from the accumulated gradient statistics (SpIEL) instead "
+            "of resetting them to zero."
+        },
+    )
+    total_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer step at which the drop rate reaches 0 and evolution stops. Defaults to the Trainer's "
+            "max steps; a plain PyTorch loop must set it."
+        },
+    )
+    pattern: str | None = field(
+        default=None,
+        metadata={"help": "None for unstructured sparsity, or an 'N:M' string (e.g. '2:4') the layers must keep."},
+    )
+
+    # PEFT's target matching reads this attribute; SEFT adapts modules, never bare parameters.
+    target_parameters = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = SEFT_PEFT_TYPE
+        if isinstance(self.target_modules, list | tuple):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list | tuple):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(name: str, allowed: str) -> None:
+            raise ValueError(f"SEFTConfig.{name}={getattr(self, name)!r} is invalid: {allowed}.")
+
+        if not isinstance(self.density, int | float) or not 0 < self.density <= 1:
+            fail("density", "it must be a fraction in (0, 1]")
+        if self.num_trainable is not None and (not isinstance(self.num_trainable, int) or self.num_trainable < 1):
+            fail("num_trainable", "it must be a positive integer or None")
+        if not isinstance(self.update_interval, int) or self.update_interval < 1:
+            fail("update_interval", "it must be a positive integer")
+        if not isinstance(self.selection_steps, int) or not 1 <= self.selection_steps <= self.update_interval:
+            fail("selection_steps", f"it must be an integer between 1 and update_interval ({self.update_interval})")
+        if not isinstance(self.initial_drop_rate, int | float) or not 0 <= self.initial_drop_rate <= 1:
+            fail("initial_drop_rate", "it must be in [0, 1]")
+        if self.drop_schedule not in DROP_SCHEDULES:
+            fail("drop_schedule", f"allowed values are {DROP_SCHEDULES}")
+        if self.prune_criterion not in PRUNE_CRITERIA:
+            fail("prune_criterion", f"allowed values are {PRUNE_CRITERIA}")
+        if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
+            fail("total_steps", "it must be a positive integer or None (then the Trainer's max steps are used)")
+        if self.pattern is not None:
+            try:
+                parse_nm_pattern(self.pattern)
+            except ValueError as error:
+                fail("pattern", f"{error} Use None for unstructured sparsity")
+        for name in ("grow_pruned", "init_weights", "full_reselection_first", "seed_optimizer_state"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "it must be True or False")

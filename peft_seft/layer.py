@@ -1,0 +1,267 @@
+"""The SEFT tuner layer for ``nn.Linear`` and transformers' ``Conv1D``.
+
+Per adapter the layer holds (all in the logical (out, in) orientation, flat index = row * in + col):
+
+- ``seft_values``: the K trainable values delta (fp32 parameter);
+- ``seft_indices``: their K positions T (int32 buffer, saved);
+- ``seft_pruned``: the positions P that SEFT pruned, a fixed capacity of K slots padded with -1 (saved);
+- ``seft_fingerprint``: shape, non-zero count and checksums of the base it was made for (saved);
+- ``seft_step``: the optimizer step the adapter's evolution has reached (saved, so training resumes).
+
+The effective weight ``W = (W0 with P zeroed) + scatter(T, delta)`` is written into the base weight in
+place before each forward; only the O(K) original values at the touched positions are kept, and they are
+written back bit-exactly whenever the adapter is disabled, unmerged, unloaded or deleted.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import SEFTConfig
+from .fingerprint import weight_fingerprint
+from .sparse_ops import GradientCollector, SamplePattern, seft_linear
+from .sparsity import logical_weight, nm_group_counts, parse_nm_pattern
+
+EMPTY_SLOT = -1
+
+
+class SEFTLayer(BaseTunerLayer):
+    adapter_layer_names = ("seft_values",)
+    other_param_names = ("seft_indices", "seft_pruned", "seft_fingerprint", "seft_step")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        if not isinstance(base_layer, nn.Linear | Conv1D):
+            raise TypeError(
+                f"SEFT supports torch.nn.Linear and transformers' Conv1D layers, got {type(base_layer).__name__}. "
+                "Exclude this module with `exclude_modules` or choose other `target_modules`."
+            )
+        self.base_layer = base_layer
+        self.seft_values = nn.ParameterDict({})
+        self.seft_indices = BufferDict({}, persistent=True)
+        self.seft_pruned = BufferDict({}, persistent=True)
+        self.seft_fingerprint = BufferDict({}, persistent=True)
+        self.seft_step = BufferDict({}, persistent=True)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.out_features, self.in_features = logical_weight(base_layer).shape
+        self.kwargs = kwargs
+        # In-place bookkeeping: which state is written into the base weight, and the originals to restore.
+        self._applied_key: tuple | None = None
+        self._touched_positions: torch.Tensor | None = None
+        self._original_values: torch.Tensor | None = None
+        self._pattern_cache: dict[str, tuple[tuple, SamplePattern]] = {}
+        self.gradient_collector: GradientCollector | None = None
+
+    # ---- adapter state -------------------------------------------------------------------------------
+
+    def update_layer(self, adapter_name: str, config: SEFTConfig, num_trainable: int, layer_name: str = "") -> None:
+        self._restore_base_weight()
+        weight = logical_weight(self.get_base_layer()).detach()
+        if config.pattern is not None:
+            check_nm_pattern(weight, config.pattern, layer_name)
+        nonzero = weight.reshape(-1).nonzero().squeeze(1)
+        k = min(int(num_trainable), nonzero.numel())
+        generator = None
+        if config.random_seed is not None:
+            generator = torch.Generator().manual_seed(config.random_seed)
+        chosen = nonzero[torch.randperm(nonzero.numel(), generator=generator)[:k].to(nonzero.device)]
+        device = weight.device
+        if config.init_weights:
+            values = torch.zeros(k, device=device)
+        else:
+            scale = weight.abs().sum() / max(nonzero.numel(), 1)
+            values = torch.randn(k, generator=generator).to(device) * scale.float()
+        self.seft_values[adapter_name] = nn.Parameter(values)
+        self.seft_indices[adapter_name] = chosen.to(torch.int32)
+        self.seft_pruned[adapter_name] = torch.full((k,), EMPTY_SLOT, dtype=torch.int32, device=device)
+        self.seft_fingerprint[adapter_name] = weight_fingerprint(weight).to(device)
+        self.seft_step[adapter_name] = torch.zeros(1, dtype=torch.int64, device=device)
+        self.set_adapter(self.active_adapters)
+
+    def pruned_positions(self, adapter_name: str) -> torch.Tensor:
+        pruned = self.seft_pruned[adapter_name]
+        return pruned[pruned != EMPTY_SLOT]
+
+    def sample_pattern(self, adapter_name: str) -> SamplePattern:
+        indices = self.seft_indices[adapter_name]
+        key = (indices.data_ptr(), indices._version, indices.device)
+        cached = self._pattern_cache.get(adapter_name)
+        if cached is None or cached[0] != key:
+            cached = (key, SamplePattern.from_flat(indices, (self.out_features, self.in_features)))
+            self._pattern_cache[adapter_name] = cached
+        return cached[1]
+
+    # ---- the effective weight, written in place --------------------------------------------------------
+
+    def _storage_positions(self, logical_flat: torch.Tensor) -> torch.Tensor:
+        logical_flat = logical_flat.long()
+        if isinstance(self.get_base_layer(), Conv1D):
+            rows, cols = logical_flat // self.in_features, logical_flat % self.in_features
+            return cols * self.out_features + rows
+        return logical_flat
+
+    def _weight_storage(self) -> torch.Tensor:
+        return self.get_base_layer().weight.data.view(-1)
+
+    def _restore_base_weight(self) -> None:
+        """Write the original values back at every touched position (bit-exact: originals are kept)."""
+        if self._touched_positions is not None:
+            storage = self._weight_storage()
+            storage[self._touched_positions.to(storage.device)] = self._original_values.to(storage)
+        self._touched_positions = self._original_values = None
+        self._applied_key = None
+
+    def _apply_adapters(self, adapter_names: list[str]) -> None:
+        """Make the base weight hold W for these adapters (one rewrite of O(K) values per call)."""
+        key = tuple(
+            (name, *(self._tensor_key(t) for t in (self.seft_indices[name], self.seft_pruned[name])))
+            for name in adapter_names
+        )
+        storage = self._weight_storage()
+        if key != self._applied_key:
+            self._restore_base_weight()
+            touched = torch.cat(
+                [self.seft_indices[name].long() for name in adapter_names]
+                + [self.pruned_positions(name).long() for name in adapter_names]
+            )
+            self._touched_positions = self._storage_positions(touched).unique()
+            self._original_values = storage[self._touched_positions].clone()
+            self._applied_key = key
+        storage[self._touched_positions] = self._original_values
+        self._write_adapters(storage, adapter_names)
+
+    def _write_adapters(self, storage: torch.Tensor, adapter_names: list[str]) -> None:
+        """Turn a flat copy of W0 (storage order) into W: zero P, then add delta at T (summed in fp32)."""
+        for name in adapter_names:
+            storage[self._storage_positions(self.pruned_positions(name))] = 0
+        for name in adapter_names:
+            positions = self._storage_positions(self.seft_indices[name])
+            values = self.seft_values[name].detach().float()
+            storage[positions] = (storage[positions].float() + values).to(storage.dtype)
+
+    @staticmethod
+    def _tensor_key(tensor: torch.Tensor) -> tuple:
+        return (tensor.data_ptr(), tensor._version, tensor.device)
+
+    def effective_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """W (out, in) for the given (default: active) adapters, computed on a copy; W0 for an empty list."""
+        names = self._active_seft_adapters() if adapter_names is None else adapter_names
+        storage = self._weight_storage().clone()
+        if self._touched_positions is not None:
+            storage[self._touched_positions] = self._original_values.to(storage)
+        self._write_adapters(storage, names)
+        weight = storage.view_as(self.get_base_layer().weight)
+        return weight.T if isinstance(self.get_base_layer(), Conv1D) else weight
+
+    def _active_seft_adapters(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.seft_values]
+
+    # ---- PEFT's layer contract -------------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [name for name in adapter_names if name in self.seft_values]
+        if not adapter_names:
+            return
+        for name in adapter_names:
+            if not torch.isfinite(self.seft_values[name]).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+        self._apply_adapters(self.merged_adapters + adapter_names)
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        self._restore_base_weight()
+        self.merged_adapters = []
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: list[str] | None
+    ) -> nn.Module:
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        elif not self.merged:
+            self._restore_base_weight()
+        # Whatever the base weight holds now is kept: forget the originals.
+        self._touched_positions = self._original_values = self._applied_key = None
+        return self.get_base_layer()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        super().enable_adapters(enabled)
+        if not enabled and not self.merged:
+            self._restore_base_weight()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._restore_base_weight()
+        self._pattern_cache.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """W - W0 for one adapter as a dense (out, in) tensor (for inspection; never used in training)."""
+        return self.effective_weight([adapter_name]) - self.effective_weight([])
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+
+class SEFTLinear(nn.Module, SEFTLayer):
+    """A linear (or Conv1D) layer with SEFT adapters."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SEFTConfig, num_trainable: int, **kwargs):
+        super().__init__()
+        SEFTLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, num_trainable, kwargs.get("layer_name", ""))
+        self._warned_about_hooks = False
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged and not self.disable_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            self.unmerge()
+        self._warn_once_about_hooks()
+        names = [] if self.disable_adapters else self._active_seft_adapters()
+        if names:
+            self._apply_adapters(names)
+        else:
+            self._restore_base_weight()
+        base = self.get_base_layer()
+        values = [self.seft_values[name] for name in names]
+        patterns = [self.sample_pattern(name) for name in names]
+        weight = logical_weight(base)
+        collector = self.gradient_collector if names else None
+        return seft_linear(x, weight, base.bias, values, patterns, collector)
+
+    def _warn_once_about_hooks(self) -> None:
+        base = self.get_base_layer()
+        if not self._warned_about_hooks and (base._forward_hooks or base._forward_pre_hooks):
+            warnings.warn(
+                "A layer adapted with SEFT has forward hooks on its base layer; SEFT computes the layer itself, so "
+                "these hooks do not run. Register them on the SEFT layer instead."
+            )
+            self._warned_about_hooks = True
+
+    def __repr__(self) -> str:
+        return "seft." + super().__repr__()
+
+
+def check_nm_pattern(weight: torch.Tensor, pattern: str, layer_name: str) -> None:
+    """Raise a clear error naming the first group of ``weight`` (out, in) that breaks the N:M pattern."""
+    n, m = parse_nm_pattern(pattern)
+    counts = nm_group_counts(weight, m)
+    bad = (counts > n).nonzero()
+    if bad.numel():
+        row, group = bad[0].tolist()
+        raise ValueError(
+            f"SEFTConfig(pattern={pattern!r}) needs a base whose layers are {pattern} sparse, but layer "
+            f"{layer_name or '?'} has {int(counts[row, group])} non-zeros in row {row}, input columns "
+            f"{group * m}..{group * m + m - 1}. Prune the model with that pattern first "
+            f"(peft_seft.pruning.prune(model, 'wanda', pattern={pattern!r}, ...)) or set pattern=None."
+        )

@@ -1,0 +1,109 @@
+"""The SEFT linear operation: a dense matmul with the effective weight plus a sampled value gradient.
+
+The effective weight W = (W0 with P zeroed) + scatter(T, delta) is written into the base weight in place
+(see layer.py), so forward and the input gradient cost exactly what the frozen layer costs. The only
+extra work is the value gradient dL/d delta_t = (dL/dY)^T X at the K positions of T: a sampled
+dense-dense product (SDDMM), never the dense weight gradient. Inside a gradient window an optional
+collector also receives the dense gradient, one layer at a time, to reduce it to O(K) statistics.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SamplePattern:
+    """The K positions of one adapter as a CSR pattern; ``order`` maps CSR slots back to value slots."""
+
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    order: torch.Tensor
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_flat(cls, flat_positions: torch.Tensor, shape: tuple[int, int]) -> SamplePattern:
+        sorted_positions, order = flat_positions.long().sort()
+        rows, cols = sorted_positions // shape[1], sorted_positions % shape[1]
+        counts = torch.bincount(rows, minlength=shape[0])
+        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return cls(crow, cols, order, shape)
+
+
+def sampled_gradient(grad_out: torch.Tensor, inputs: torch.Tensor, pattern: SamplePattern) -> torch.Tensor:
+    """(grad_out^T @ inputs) at the pattern's positions, in value-slot order, fp32. Shapes (N, out), (N, in)."""
+    k = pattern.order.numel()
+    result = torch.empty(k, device=grad_out.device, dtype=torch.float32)
+    if k == 0:
+        return result
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        template = torch.sparse_csr_tensor(
+            pattern.crow_indices,
+            pattern.col_indices,
+            torch.zeros(k, device=grad_out.device, dtype=torch.float32),
+            pattern.shape,
+            check_invariants=False,
+        )
+    sampled = torch.sparse.sampled_addmm(template, grad_out.float().T, inputs.float(), beta=0.0)
+    result[pattern.order] = sampled.values()
+    return result
+
+
+GradientCollector = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+class _SEFTLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, patterns, collector, *values):
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
+        x_c = x.to(compute_dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear(x_c, weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
+        ctx.weight, ctx.patterns, ctx.collector = weight, patterns, collector
+        ctx.has_bias = bias is not None
+        need_inputs = collector is not None or any(ctx.needs_input_grad[5:]) or ctx.needs_input_grad[1]
+        ctx.save_for_backward(x_c if need_inputs else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x_c,) = ctx.saved_tensors
+        weight = ctx.weight
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ weight.to(grad_out.dtype)
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        x_2d = x_c.reshape(-1, x_c.shape[-1]) if x_c is not None else None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_2d.T @ x_2d.to(grad_2d.dtype)).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(0)
+        if ctx.collector is not None:
+            ctx.collector(grad_2d, x_2d)
+        grad_values = [
+            sampled_gradient(grad_2d, x_2d, pattern) if needed else None
+            for pattern, needed in zip(ctx.patterns, ctx.needs_input_grad[5:], strict=True)
+        ]
+        return (grad_x, grad_weight, grad_bias, None, None, *grad_values)
+
+
+def seft_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    values: list[torch.Tensor],
+    patterns: list[SamplePattern],
+    collector: GradientCollector | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` where ``weight`` (out, in) already holds the effective weight.
+
+    ``values[i]`` receives the gradient at ``patterns[i]``; the weight itself is not saved for backward, so
+    it may be rewritten in place between calls (it is read again in backward).
+    """
+    return _SEFTLinear.apply(x, weight, bias, tuple(patterns), collector, *values)
