@@ -26,7 +26,9 @@ def fingerprint_mismatch(saved: torch.Tensor, current: torch.Tensor) -> str | No
     if saved.shape != current.shape:
         return "the saved fingerprint has an unexpected format"
     if saved[:2].tolist() != current[:2].tolist():
-        return f"weight shape (out, in) {tuple(current[:2].tolist())} differs from the saved {tuple(saved[:2].tolist())}"
+        return (
+            f"weight shape (out, in) {tuple(current[:2].tolist())} differs from the saved {tuple(saved[:2].tolist())}"
+        )
     if saved[2] != current[2]:
         return f"the base has {int(current[2])} non-zeros but the adapter was trained on one with {int(saved[2])}"
     saved_sums, current_sums = saved[3:].view(torch.float64), current[3:].view(torch.float64)

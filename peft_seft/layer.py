@@ -24,9 +24,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import SEFTConfig
+from .evolution import Candidates, RoundCounts, evolve
 from .fingerprint import weight_fingerprint
 from .sparse_ops import GradientCollector, SamplePattern, seft_linear
 from .sparsity import logical_weight, nm_group_counts, parse_nm_pattern
+from .window import GradientWindow
 
 EMPTY_SLOT = -1
 
@@ -57,6 +59,7 @@ class SEFTLayer(BaseTunerLayer):
         self._original_values: torch.Tensor | None = None
         self._pattern_cache: dict[str, tuple[tuple, SamplePattern]] = {}
         self.gradient_collector: GradientCollector | None = None
+        self._windows: dict[str, GradientWindow] = {}
 
     # ---- adapter state -------------------------------------------------------------------------------
 
@@ -161,6 +164,96 @@ class SEFTLayer(BaseTunerLayer):
 
     def _active_seft_adapters(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.seft_values]
+
+    # ---- evolution -------------------------------------------------------------------------------------
+
+    def base_values_at(self, logical_positions: torch.Tensor) -> torch.Tensor:
+        """W0 at the given positions, whatever the base weight holds in place right now."""
+        storage_positions = self._storage_positions(logical_positions)
+        values = self._weight_storage()[storage_positions].clone()
+        if self._touched_positions is not None and storage_positions.numel():
+            slot = torch.searchsorted(self._touched_positions, storage_positions).clamp_max(
+                self._touched_positions.numel() - 1
+            )
+            known = self._touched_positions[slot] == storage_positions
+            values[known] = self._original_values[slot[known]].to(values)
+        return values
+
+    def open_window(self, adapter_name: str, track_sensitivity: bool, grow_pruned: bool) -> None:
+        """Start collecting gradient statistics for the next round of this adapter."""
+        capacity = self.seft_values[adapter_name].numel()
+        device = self.seft_values[adapter_name].device
+        self._windows[adapter_name] = GradientWindow(capacity, self.in_features, track_sensitivity, grow_pruned, device)
+        self.gradient_collector = self._collect_gradient
+
+    def close_window(self, adapter_name: str) -> GradientWindow | None:
+        window = self._windows.pop(adapter_name, None)
+        if not self._windows:
+            self.gradient_collector = None
+        return window
+
+    def _collect_gradient(self, grad_out: torch.Tensor, inputs: torch.Tensor) -> None:
+        # The dense weight gradient of this layer only, freed when this returns.
+        grad = grad_out.T.float() @ inputs.float()
+        weight = logical_weight(self.get_base_layer()).detach()
+        for name, window in self._windows.items():
+            pruned = self.seft_pruned[name]
+            base_at_pruned = self.base_values_at(pruned.clamp_min(0))
+            window.update(grad, inputs, weight, self.seft_indices[name], pruned, base_at_pruned)
+
+    def evolve_adapter(
+        self, adapter_name: str, drop_rate: float, prune_criterion: str, grow_pruned: bool
+    ) -> tuple[RoundCounts, torch.Tensor, GradientWindow] | None:
+        """Run one round on this adapter with the statistics of its closed window.
+
+        Returns the counts, the (K,) mask of changed slots and the window, or None when the round is skipped
+        (no window, no finite gradient seen)."""
+        window = self.close_window(adapter_name)
+        if window is None or window.steps == 0 or not window.finite:
+            return None
+        indices, values = self.seft_indices[adapter_name], self.seft_values[adapter_name]
+        pruned_buffer = self.seft_pruned[adapter_name]
+        weight = self.effective_weight([adapter_name]).reshape(-1)
+        used = pruned_buffer != EMPTY_SLOT
+        grow = window.grow.candidates()
+        result = evolve(
+            indices=indices,
+            values=values,
+            pruned=pruned_buffer[used],
+            zero_in_base=self.base_values_at(indices) == 0,
+            grow=grow,
+            grow_inactive=weight[grow.positions] == 0,
+            prune=self._prune_candidates(adapter_name, window, weight, prune_criterion),
+            restore_scores=window.restore_sums[used] / window.steps,
+            num_drop=int(drop_rate * indices.numel()),
+            grow_pruned=grow_pruned,
+        )
+        with torch.no_grad():
+            indices.copy_(result.indices.to(indices.dtype))
+            pruned_buffer.fill_(EMPTY_SLOT)
+            pruned_buffer[: result.pruned.numel()] = result.pruned.to(pruned_buffer.dtype)
+            values[result.changed_slots] = 0
+        return result.counts, result.changed_slots, window
+
+    def _prune_candidates(
+        self, adapter_name: str, window: GradientWindow, weight: torch.Tensor, criterion: str
+    ) -> Candidates:
+        """Frozen active positions (non-zero, not trainable) with the smallest scores, at most K of them."""
+        trainable = self.seft_indices[adapter_name].long()
+        if criterion == "sensitivity":
+            candidates = window.prune.candidates()
+            still_frozen = (weight[candidates.positions] != 0) & ~torch.isin(candidates.positions, trainable)
+            return Candidates(candidates.positions[still_frozen], candidates.scores[still_frozen])
+        scores = weight.abs().float()
+        if criterion == "wanda":
+            column_norms = (window.column_sq_sums / window.steps).sqrt()
+            scores = (scores.view(self.out_features, self.in_features) * column_norms).reshape(-1)
+        scores.masked_fill_(weight == 0, float("inf"))
+        scores[trainable] = float("inf")
+        k = min(trainable.numel(), scores.numel())
+        best, positions = torch.topk(scores, k, largest=False)
+        keep = torch.isfinite(best)
+        return Candidates(positions[keep], best[keep])
 
     # ---- PEFT's layer contract -------------------------------------------------------------------------
 

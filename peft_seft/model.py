@@ -10,6 +10,7 @@ from .config import SEFTConfig
 from .fingerprint import fingerprint_mismatch, weight_fingerprint
 from .layer import SEFTLayer, SEFTLinear
 from .targets import default_target_pattern, is_linear
+from .training import Evolution
 
 
 class SEFTModel(BaseTuner):
@@ -33,6 +34,11 @@ class SEFTModel(BaseTuner):
         _maybe_include_all_linear_layers(config, model)
         self._layer_budgets = self._split_budget(model, config)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _post_injection_hook(self, model: nn.Module, config: SEFTConfig, adapter_name: str) -> None:
+        if not hasattr(self, "evolution"):
+            self.evolution = Evolution(self)
+            self.register_forward_pre_hook(lambda module, args: module.evolution.before_forward())
 
     def _split_budget(self, model: nn.Module, config: SEFTConfig) -> dict[str, int]:
         """K per target layer: density * size, or ``num_trainable`` split in proportion to size."""
@@ -94,4 +100,3 @@ def check_adapter_fits_base(model: nn.Module, adapter_name: str, state_dict: dic
             f"{shown}\nLoad it onto the (pruned) base model it was trained on; its name is in adapter_config.json "
             "(base_model_name_or_path)."
         )
-

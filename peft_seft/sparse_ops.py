@@ -61,7 +61,9 @@ GradientCollector = Callable[[torch.Tensor, torch.Tensor], None]
 class _SEFTLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, patterns, collector, *values):
-        compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
+        compute_dtype = (
+            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
+        )
         x_c = x.to(compute_dtype)
         with torch.autocast(x.device.type, enabled=False):
             out = F.linear(x_c, weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype))

@@ -24,7 +24,11 @@ def is_linear(module: nn.Module) -> bool:
 def default_target_pattern(model: nn.Module) -> str:
     """A regex (PEFT's ``target_modules`` string form) matching every linear layer inside numbered blocks."""
     leaf_names = sorted(
-        {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_linear(module) and _BLOCK_SEGMENT.search(name)}
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if is_linear(module) and _BLOCK_SEGMENT.search(name)
+        }
     )
     if not leaf_names:
         raise ValueError(

@@ -20,8 +20,10 @@ def num_to_prune(total: int, sparsity: float) -> int:
     return min(total, int(math.floor(sparsity * total + 0.5)))
 
 
-def keep_mask_from_scores(scores: torch.Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None) -> torch.Tensor:
-    """Keep mask removing the lowest scores: ``round(sparsity * in)`` per output row, or M-N per group of M with ``nm``."""
+def keep_mask_from_scores(
+    scores: torch.Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Keep mask dropping the lowest scores: ``round(sparsity * in)`` per output row, or M-N per group of M (``nm``)."""
     out_features, in_features = scores.shape
     if nm is not None:
         n, m = nm
@@ -40,7 +42,9 @@ def keep_mask_from_scores(scores: torch.Tensor, sparsity: float | None = None, n
     return keep
 
 
-def magnitude_mask(weight: torch.Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None) -> torch.Tensor:
+def magnitude_mask(
+    weight: torch.Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Keep the largest ``|W_ij|`` within each output row (or each N:M group)."""
     return keep_mask_from_scores(weight.detach().abs().float(), sparsity, nm)
 
@@ -57,7 +61,7 @@ def wanda_mask(
 
 
 def _inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of the dampened inverse Hessian (float32); dampening grows if H is not positive definite."""
+    """Upper Cholesky factor of the dampened inverse Hessian (float32); more dampening if H is not positive definite."""
     h = hessian.float().clone()
     diag = torch.diagonal(h)
     # An input feature that was always zero has no curvature; give it a unit diagonal so H stays invertible.
@@ -80,7 +84,7 @@ def _block_prune_counts(out_features: int, in_features: int, blocksize: int, spa
     """Weights to prune per column block, so that the layer total is exactly ``round(sparsity * out * in)``."""
     ends = list(range(blocksize, in_features, blocksize)) + [in_features]
     cumulative = [0] + [num_to_prune(out_features * end, sparsity) for end in ends]
-    return [b - a for a, b in zip(cumulative[:-1], cumulative[1:])]
+    return [b - a for a, b in zip(cumulative[:-1], cumulative[1:], strict=True)]
 
 
 @torch.no_grad()
@@ -108,17 +112,17 @@ def sparsegpt_prune(
         blocksize = max(m, blocksize - blocksize % m)  # an N:M group must not straddle two blocks
     elif sparsity is None:
         raise ValueError("Unstructured pruning needs a sparsity.")
-    w = weight.detach().float().clone()
+    w = weight.detach().float().clone(memory_format=torch.contiguous_format)
     hinv = _inverse_hessian_cholesky(hessian, percdamp)
     counts = None if nm is not None else _block_prune_counts(out_features, in_features, blocksize, sparsity)
 
     for block_index, start in enumerate(range(0, in_features, blocksize)):
         end = min(start + blocksize, in_features)
-        w_block = w[:, start:end].clone()
+        w_block = w[:, start:end].clone(memory_format=torch.contiguous_format)
         hinv_block = hinv[start:end, start:end]
         hinv_diag = torch.diagonal(hinv_block)
         errors = torch.zeros_like(w_block)
-        keep = torch.ones_like(w_block, dtype=torch.bool)
+        keep = torch.ones(w_block.shape, dtype=torch.bool, device=w.device)
         if counts is not None and counts[block_index]:
             scores = (w_block**2 / hinv_diag.unsqueeze(0) ** 2).flatten()
             keep.view(-1)[torch.topk(scores, counts[block_index], largest=False).indices] = False

@@ -1,0 +1,238 @@
+"""Sparsity evolution during training, in any loop.
+
+A global optimizer-step hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) sees every
+``optimizer.step()``. For each SEFT adapter whose values that optimizer trains it counts the step, opens the
+gradient window ``selection_steps`` before each round, runs the round every ``update_interval`` steps, and
+resets (or seeds) the optimizer state of every slot whose position changed. Plain PyTorch loops, the
+transformers Trainer and TRL's SFTTrainer therefore need no extra code. Rounds stop at ``total_steps``
+(taken from the Trainer's max steps when unset, see callbacks.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .evolution import RoundCounts, drop_rate
+from .layer import EMPTY_SLOT, SEFTLayer
+
+logger = logging.getLogger("peft_seft")
+
+
+@dataclass
+class RoundReport:
+    """What one evolution round did to one adapter, summed over its layers."""
+
+    step: int
+    adapter: str
+    drop_rate: float
+    counts: RoundCounts
+    active: int
+    budget: int
+    skipped_layers: int
+
+    def as_log(self) -> dict[str, float]:
+        prefix = f"seft/{self.adapter}/" if self.adapter != "default" else "seft/"
+        logs = {f"{prefix}{key}": value for key, value in vars(self.counts).items()}
+        logs.update(
+            {
+                f"{prefix}drop_rate": self.drop_rate,
+                f"{prefix}active": self.active,
+                f"{prefix}budget": self.budget,
+                f"{prefix}skipped_layers": self.skipped_layers,
+            }
+        )
+        return logs
+
+
+class Evolution:
+    """Drives the evolution of every SEFT adapter of one tuner model."""
+
+    def __init__(self, tuner) -> None:
+        self._tuner = weakref.ref(tuner)
+        self.reports: list[RoundReport] = []
+        self._scheduled: dict[str, tuple] = {}
+        tuner_ref = self._tuner
+        handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: _on_step(tuner_ref, optimizer))
+        weakref.finalize(tuner, handle.remove)
+
+    def layers(self) -> list[SEFTLayer]:
+        tuner = self._tuner()
+        return [m for m in tuner.model.modules() if isinstance(m, SEFTLayer)] if tuner is not None else []
+
+    def config(self, adapter_name: str):
+        return self._tuner().peft_config[adapter_name]
+
+    def step_of(self, adapter_name: str) -> int:
+        for layer in self.layers():
+            if adapter_name in layer.seft_step:
+                return int(layer.seft_step[adapter_name].item())
+        return 0
+
+    def trained_adapters(self, optimizer: torch.optim.Optimizer) -> list[str]:
+        param_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names = set()
+        for layer in self.layers():
+            for name, values in layer.seft_values.items():
+                if id(values) in param_ids and values.requires_grad:
+                    names.add(name)
+        return sorted(names)
+
+    def on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for name in self.trained_adapters(optimizer):
+            config = self.config(name)
+            if config.initial_drop_rate == 0:
+                continue
+            layers = [layer for layer in self.layers() if name in layer.seft_values]
+            for layer in layers:
+                layer.seft_step[name] += 1
+            step = self.step_of(name)
+            self._scheduled[name] = None
+            if step % config.update_interval == 0:
+                self._run_round(name, layers, step, optimizer)
+            self.schedule_window(name, step)
+
+    def before_forward(self) -> None:
+        """Open the windows due at the current step, once after creation, loading or resuming."""
+        if not torch.is_grad_enabled():
+            return
+        seen = set()
+        for layer in self.layers():
+            for name, step_buffer in layer.seft_step.items():
+                if name in seen or not layer.seft_values[name].requires_grad:
+                    continue
+                seen.add(name)
+                key = (step_buffer.data_ptr(), step_buffer._version)
+                if self._scheduled.get(name) != key:
+                    self._scheduled[name] = key
+                    if self.config(name).initial_drop_rate > 0:
+                        self.schedule_window(name, int(step_buffer.item()))
+
+    def round_due(self, adapter_name: str, step: int) -> bool:
+        """Whether a round with a non-zero drop rate happens right after optimizer step ``step``."""
+        config = self.config(adapter_name)
+        if config.initial_drop_rate == 0 or step % config.update_interval or step <= 0:
+            return False
+        return self.rate_at(adapter_name, step) > 0
+
+    def rate_at(self, adapter_name: str, step: int) -> float:
+        config = self.config(adapter_name)
+        if config.total_steps is None:
+            raise ValueError(
+                "SEFTConfig.total_steps is not set: the drop rate decays to 0 at total_steps. Set it to the number of "
+                "optimizer steps of your training loop (the Trainer and SFTTrainer set it to max_steps themselves)."
+            )
+        first_round = config.update_interval if config.full_reselection_first else None
+        return drop_rate(step, config.total_steps, config.initial_drop_rate, config.drop_schedule, first_round)
+
+    def schedule_window(self, adapter_name: str, step: int) -> None:
+        """Open the gradient window when the next optimizer step is one of the last ``selection_steps`` before a
+        round (and close stale windows otherwise)."""
+        config = self.config(adapter_name)
+        next_step = step + 1
+        next_round = -(-next_step // config.update_interval) * config.update_interval
+        collecting = next_round - next_step < config.selection_steps
+        if config.total_steps is not None:
+            collecting = collecting and self.round_due(adapter_name, next_round)
+        for layer in self.layers():
+            if adapter_name not in layer.seft_values:
+                continue
+            if not collecting:
+                layer.close_window(adapter_name)
+            elif adapter_name not in layer._windows:
+                layer.open_window(adapter_name, config.prune_criterion == "sensitivity", self._grow_pruned(config))
+
+    @staticmethod
+    def _grow_pruned(config) -> bool:
+        # With an N:M pattern, growth stays on active weights (the paper's rule) until in-group re-activation lands.
+        return config.grow_pruned and config.pattern is None
+
+    def _run_round(self, name: str, layers: list[SEFTLayer], step: int, optimizer: torch.optim.Optimizer) -> None:
+        if not self.round_due(name, step):
+            for layer in layers:
+                layer.close_window(name)
+            return
+        config = self.config(name)
+        rate = self.rate_at(name, step)
+        total, skipped = RoundCounts(), 0
+        for layer in layers:
+            old_indices = layer.seft_indices[name].clone()
+            outcome = layer.evolve_adapter(name, rate, config.prune_criterion, self._grow_pruned(config))
+            if outcome is None:
+                skipped += 1
+                continue
+            counts, _, window = outcome
+            _broadcast_adapter_state(layer, name)
+            changed = layer.seft_indices[name] != old_indices
+            seed = window.grow.lookup(layer.seft_indices[name][changed].long()) if config.seed_optimizer_state else None
+            reset_optimizer_state(optimizer, layer.seft_values[name], changed, seed)
+            total = total + counts
+        active, budget = self.active_count(name, layers)
+        report = RoundReport(step, name, rate, total, active, budget, skipped)
+        self.reports.append(report)
+        if skipped:
+            logger.warning(
+                "SEFT round at step %d skipped %d layer(s) of adapter %r: no finite gradient in their window "
+                "(NaN/inf gradients); their positions are unchanged.",
+                step,
+                skipped,
+                name,
+            )
+        logger.info("SEFT round at step %d (%s): %s", step, name, report.as_log())
+
+    @staticmethod
+    def active_count(name: str, layers: list[SEFTLayer]) -> tuple[int, int]:
+        """Structurally active positions versus the non-zero budget N, summed over layers."""
+        active = budget = 0
+        for layer in layers:
+            budget += int(layer.seft_fingerprint[name][2])
+            zero_in_base = (layer.base_values_at(layer.seft_indices[name]) == 0).sum()
+            num_pruned = (layer.seft_pruned[name] != EMPTY_SLOT).sum()
+            active += int(layer.seft_fingerprint[name][2] - num_pruned + zero_in_base)
+        return active, budget
+
+
+def _on_step(tuner_ref: weakref.ref, optimizer: torch.optim.Optimizer) -> None:
+    tuner = tuner_ref()
+    if tuner is not None:
+        tuner.evolution.on_optimizer_step(optimizer)
+
+
+def _broadcast_adapter_state(layer: SEFTLayer, name: str) -> None:
+    """Under torch.distributed, every rank takes rank 0's decision so that positions stay identical."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for tensor in (layer.seft_indices[name], layer.seft_pruned[name], layer.seft_values[name].data):
+        dist.broadcast(tensor, src=0)
+
+
+def reset_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    param: torch.Tensor,
+    changed: torch.Tensor,
+    seed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """Zero every per-element optimizer state of ``param`` at the changed slots, for any torch optimizer.
+
+    ``seed`` (SpIEL's option): the mean signed and mean absolute window gradient of the changed slots. Adam's
+    moments are then set to those values times (1 - beta^t), so that its bias correction yields exactly them.
+    """
+    state = optimizer.state.get(param)
+    if not state or not changed.any():
+        return
+    with torch.no_grad():
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value[changed] = 0
+        if seed is not None and "exp_avg" in state and "exp_avg_sq" in state:
+            group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+            beta1, beta2 = group["betas"]
+            step = float(state["step"]) if "step" in state else 1.0
+            mean_signed, mean_abs = seed
+            state["exp_avg"][changed] = (mean_signed * (1 - beta1**step)).to(state["exp_avg"])
+            state["exp_avg_sq"][changed] = (mean_abs.pow(2) * (1 - beta2**step)).to(state["exp_avg_sq"])
