@@ -270,7 +270,7 @@ class SEFTLayer(BaseTunerLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         self._restore_base_weight()
         self.merged_adapters = []
@@ -337,7 +337,8 @@ class SEFTLinear(nn.Module, SEFTLayer):
         if not self._warned_about_hooks and (base._forward_hooks or base._forward_pre_hooks):
             warnings.warn(
                 "A layer adapted with SEFT has forward hooks on its base layer; SEFT computes the layer itself, so "
-                "these hooks do not run. Register them on the SEFT layer instead."
+                "these hooks do not run. Register them on the SEFT layer instead.",
+                stacklevel=2,
             )
             self._warned_about_hooks = True
 
