@@ -23,13 +23,11 @@ def is_linear(module: nn.Module) -> bool:
 
 def default_target_pattern(model: nn.Module) -> str:
     """A regex (PEFT's ``target_modules`` string form) matching every linear layer inside numbered blocks."""
-    leaf_names = sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if is_linear(module) and _BLOCK_SEGMENT.search(name)
-        }
-    )
+    block_linears = [
+        name for name, module in model.named_modules() if is_linear(module) and _BLOCK_SEGMENT.search(name)
+    ]
+    # An already adapted layer is named "<name>.base_layer": target the adapted layer itself.
+    leaf_names = sorted({name.removesuffix(".base_layer").rsplit(".", 1)[-1] for name in block_linears})
     if not leaf_names:
         raise ValueError(
             "Could not find any linear layer inside numbered transformer blocks of this model; "
