@@ -116,7 +116,8 @@ class SEFTConfig(PeftConfig):
         default=True,
         metadata={
             "help": "Allow growth into positions that are zero in the base weight or were pruned by SEFT "
-            "(re-activation). False restricts growth to currently active weights."
+            "(re-activation). False restricts growth to currently active weights. With `pattern`, a re-activation "
+            "is paid for inside its N:M group; False then gives the paper's frozen-topology N:M mode."
         },
     )
     prune_criterion: Literal["sensitivity", "magnitude", "wanda"] = field(
@@ -142,7 +143,11 @@ class SEFTConfig(PeftConfig):
     )
     pattern: str | None = field(
         default=None,
-        metadata={"help": "None for unstructured sparsity, or an 'N:M' string (e.g. '2:4') the layers must keep."},
+        metadata={
+            "help": "None for unstructured sparsity, or an 'N:M' string (e.g. '2:4'): every group of M consecutive "
+            "input weights of the base holds at most N non-zeros, and every evolution round keeps each group's "
+            "non-zero count."
+        },
     )
 
     # PEFT's target matching reads this attribute; SEFT adapts modules, never bare parameters.

@@ -24,8 +24,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import SEFTConfig
-from .evolution import Candidates, RoundCounts, evolve
+from .evolution import Candidates, RoundCounts, RoundResult, evolve
 from .fingerprint import weight_fingerprint
+from .nm_evolution import evolve_nm
 from .sparse_ops import GradientCollector, SamplePattern, seft_linear
 from .sparsity import logical_weight, nm_group_counts, parse_nm_pattern
 from .window import GradientWindow
@@ -60,6 +61,7 @@ class SEFTLayer(BaseTunerLayer):
         self._pattern_cache: dict[str, tuple[tuple, SamplePattern]] = {}
         self.gradient_collector: GradientCollector | None = None
         self._windows: dict[str, GradientWindow] = {}
+        self._nm_patterns: dict[str, tuple[int, int]] = {}  # adapter -> (N, M) when its config has a pattern
 
     # ---- adapter state -------------------------------------------------------------------------------
 
@@ -68,6 +70,9 @@ class SEFTLayer(BaseTunerLayer):
         weight = logical_weight(self.get_base_layer()).detach()
         if config.pattern is not None:
             check_nm_pattern(weight, config.pattern, layer_name)
+            self._nm_patterns[adapter_name] = parse_nm_pattern(config.pattern)
+        else:
+            self._nm_patterns.pop(adapter_name, None)
         nonzero = weight.reshape(-1).nonzero().squeeze(1)
         k = min(int(num_trainable), nonzero.numel())
         generator = None
@@ -192,6 +197,13 @@ class SEFTLayer(BaseTunerLayer):
             self.gradient_collector = None
         return window
 
+    def restore_window(self, adapter_name: str, window: GradientWindow | None) -> None:
+        """Replace this adapter's window by one loaded from a checkpoint saved mid-window (None: close it)."""
+        self.close_window(adapter_name)
+        if window is not None:
+            self._windows[adapter_name] = window
+            self.gradient_collector = self._collect_gradient
+
     def _collect_gradient(self, grad_out: torch.Tensor, inputs: torch.Tensor) -> None:
         # The dense weight gradient of this layer only, freed when this returns.
         grad = grad_out.T.float() @ inputs.float()
@@ -216,24 +228,64 @@ class SEFTLayer(BaseTunerLayer):
         weight = self.effective_weight([adapter_name]).reshape(-1)
         used = pruned_buffer != EMPTY_SLOT
         grow = window.grow.candidates()
-        result = evolve(
-            indices=indices,
-            values=values,
-            pruned=pruned_buffer[used],
-            zero_in_base=self.base_values_at(indices) == 0,
-            grow=grow,
-            grow_inactive=weight[grow.positions] == 0,
-            prune=self._prune_candidates(adapter_name, window, weight, prune_criterion),
-            restore_scores=window.restore_sums[used] / window.steps,
-            num_drop=int(drop_rate * indices.numel()),
-            grow_pruned=grow_pruned,
-        )
+        if adapter_name in self._nm_patterns:
+            result = self._evolve_nm(adapter_name, window, weight, drop_rate, prune_criterion, grow_pruned)
+        else:
+            result = evolve(
+                indices=indices,
+                values=values,
+                pruned=pruned_buffer[used],
+                zero_in_base=self.base_values_at(indices) == 0,
+                grow=grow,
+                grow_inactive=weight[grow.positions] == 0,
+                prune=self._prune_candidates(adapter_name, window, weight, prune_criterion),
+                restore_scores=window.restore_sums[used] / window.steps,
+                num_drop=int(drop_rate * indices.numel()),
+                grow_pruned=grow_pruned,
+            )
         with torch.no_grad():
             indices.copy_(result.indices.to(indices.dtype))
             pruned_buffer.fill_(EMPTY_SLOT)
             pruned_buffer[: result.pruned.numel()] = result.pruned.to(pruned_buffer.dtype)
             values[result.changed_slots] = 0
         return result.counts, result.changed_slots, window
+
+    def _evolve_nm(
+        self,
+        adapter_name: str,
+        window: GradientWindow,
+        weight: torch.Tensor,
+        drop_rate: float,
+        prune_criterion: str,
+        grow_pruned: bool,
+    ) -> RoundResult:
+        """The N:M round (nm_evolution.py): re-activation inside a group is paid for inside that group.
+
+        Frozen partners: with the sensitivity criterion the window's least sensitive weights come first and the
+        other frozen weights of a group follow by magnitude |W| (the window holds only the K globally least
+        sensitive ones); magnitude and Wanda scores are computed directly for the groups involved."""
+        indices, pruned_buffer = self.seft_indices[adapter_name], self.seft_pruned[adapter_name]
+        used = pruned_buffer != EMPTY_SLOT
+        column_scale, prune = None, Candidates.empty(weight.device)
+        if prune_criterion == "wanda":
+            column_scale = (window.column_sq_sums / window.steps).sqrt()
+        elif prune_criterion == "sensitivity" and window.prune is not None:
+            prune = window.prune.candidates()
+        return evolve_nm(
+            indices=indices,
+            values=self.seft_values[adapter_name],
+            pruned=pruned_buffer[used],
+            zero_in_base=self.base_values_at(indices) == 0,
+            weight=weight,
+            in_features=self.in_features,
+            m=self._nm_patterns[adapter_name][1],
+            grow=window.grow.candidates(),
+            prune=prune,
+            restore_scores=window.restore_sums[used] / window.steps,
+            num_drop=int(drop_rate * indices.numel()),
+            grow_pruned=grow_pruned,
+            column_scale=column_scale,
+        )
 
     def _prune_candidates(
         self, adapter_name: str, window: GradientWindow, weight: torch.Tensor, criterion: str
@@ -280,7 +332,7 @@ class SEFTLayer(BaseTunerLayer):
     ) -> nn.Module:
         if merge:
             self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        elif not self.merged:
+        if not self.merged:  # also when none of `adapter_names` is on this layer: drop the in-place W of forward
             self._restore_base_weight()
         # Whatever the base weight holds now is kept: forget the originals.
         self._touched_positions = self._original_values = self._applied_key = None
@@ -294,6 +346,7 @@ class SEFTLayer(BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         self._restore_base_weight()
         self._pattern_cache.pop(adapter_name, None)
+        self._nm_patterns.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -349,6 +402,11 @@ class SEFTLinear(nn.Module, SEFTLayer):
 def check_nm_pattern(weight: torch.Tensor, pattern: str, layer_name: str) -> None:
     """Raise a clear error naming the first group of ``weight`` (out, in) that breaks the N:M pattern."""
     n, m = parse_nm_pattern(pattern)
+    if weight.shape[1] % m:
+        raise ValueError(
+            f"SEFTConfig(pattern={pattern!r}) needs input dimensions divisible by {m}, but layer {layer_name or '?'} "
+            f"has {weight.shape[1]} inputs. Exclude it with `exclude_modules` or set pattern=None."
+        )
     counts = nm_group_counts(weight, m)
     bad = (counts > n).nonzero()
     if bad.numel():

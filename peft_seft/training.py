@@ -61,6 +61,15 @@ class Evolution:
         handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: _on_step(tuner_ref, optimizer))
         weakref.finalize(tuner, handle.remove)
 
+    def __getstate__(self) -> dict:
+        # Pickling or deep-copying a SEFT model copies its tuner: the copy gets an Evolution bound to the copied tuner
+        # with its own optimizer-step hook (the weak reference and the hook handle cannot be copied).
+        return {"tuner": self._tuner(), "reports": self.reports}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["tuner"])
+        self.reports = state["reports"]
+
     def layers(self) -> list[SEFTLayer]:
         tuner = self._tuner()
         return [m for m in tuner.model.modules() if isinstance(m, SEFTLayer)] if tuner is not None else []
@@ -88,6 +97,8 @@ class Evolution:
             config = self.config(name)
             if config.initial_drop_rate == 0:
                 continue
+            if config.total_steps is None:
+                self.rate_at(name, 0)  # raises the error explaining total_steps at the first step, not the first round
             layers = [layer for layer in self.layers() if name in layer.seft_values]
             for layer in layers:
                 layer.seft_step[name] += 1
@@ -149,8 +160,9 @@ class Evolution:
 
     @staticmethod
     def _grow_pruned(config) -> bool:
-        # With an N:M pattern, growth stays on active weights (the paper's rule) until in-group re-activation lands.
-        return config.grow_pruned and config.pattern is None
+        # With an N:M pattern too: a re-activation is paid for inside its group (nm_evolution.py). grow_pruned=False
+        # with a pattern is the paper's frozen-topology N:M mode (growth into active weights only).
+        return config.grow_pruned
 
     def _run_round(self, name: str, layers: list[SEFTLayer], step: int, optimizer: torch.optim.Optimizer) -> None:
         if not self.round_due(name, step):
@@ -163,13 +175,20 @@ class Evolution:
         for layer in layers:
             old_indices = layer.seft_indices[name].clone()
             outcome = layer.evolve_adapter(name, rate, config.prune_criterion, self._grow_pruned(config))
+            outcome = _take_rank0_outcome(layer, name, outcome)
             if outcome is None:
                 skipped += 1
                 continue
             counts, _, window = outcome
-            _broadcast_adapter_state(layer, name)
             changed = layer.seft_indices[name] != old_indices
-            seed = window.grow.lookup(layer.seft_indices[name][changed].long()) if config.seed_optimizer_state else None
+            seed = None
+            if config.seed_optimizer_state:
+                positions = layer.seft_indices[name][changed].long()
+                if window is not None:
+                    seed = window.grow.lookup(positions)
+                else:  # rank 0 ran this layer's round, this rank had no window: rank 0's seeds arrive below
+                    seed = tuple(torch.zeros(positions.numel(), device=positions.device) for _ in range(2))
+                seed = _broadcast_tensors(*seed)  # from the local window: take rank 0's, like the positions
             reset_optimizer_state(optimizer, layer.seft_values[name], changed, seed)
             total = total + counts
         active, budget = self.active_count(name, layers)
@@ -203,12 +222,46 @@ def _on_step(tuner_ref: weakref.ref, optimizer: torch.optim.Optimizer) -> None:
         tuner.evolution.on_optimizer_step(optimizer)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast_tensors(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rank 0's values of tensors whose shapes agree on every rank (unchanged when not distributed)."""
+    if _distributed():
+        for tensor in tensors:
+            if tensor.numel():
+                dist.broadcast(tensor, src=0)
+    return tensors
+
+
+def _take_rank0_outcome(layer: SEFTLayer, name: str, outcome: tuple | None) -> tuple | None:
+    """Under torch.distributed, every rank takes rank 0's round for this layer: positions, pruned set, values and
+    counts, and also rank 0's decision to skip the layer (no finite gradient in its window), so that no rank waits
+    in a broadcast that another rank skipped. Returns (counts, None, local window or None) or None (skipped)."""
+    if not _distributed():
+        return outcome
+    _broadcast_adapter_state(layer, name)
+    counts = outcome[0] if outcome is not None else RoundCounts()
+    flags = [int(outcome is not None), *vars(counts).values()]
+    flags = torch.tensor(flags, dtype=torch.int64, device=layer.seft_indices[name].device)
+    dist.broadcast(flags, src=0)
+    if not flags[0]:
+        return None
+    return RoundCounts(*flags[1:].tolist()), None, outcome[2] if outcome is not None else None
+
+
 def _broadcast_adapter_state(layer: SEFTLayer, name: str) -> None:
     """Under torch.distributed, every rank takes rank 0's decision so that positions stay identical."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     for tensor in (layer.seft_indices[name], layer.seft_pruned[name], layer.seft_values[name].data):
-        dist.broadcast(tensor, src=0)
+        received = tensor.clone()
+        dist.broadcast(received, src=0)
+        # dist.broadcast does not bump tensor._version, which the layer's in-place weight and pattern caches key on:
+        # copy_ does, so a rank whose local round changed nothing still re-applies rank 0's positions.
+        with torch.no_grad():
+            tensor.copy_(received)
 
 
 def reset_optimizer_state(

@@ -116,3 +116,36 @@ class GradientWindow:
             self.prune.update(sensitivity, inactive | in_trainable)
         grow_excluded = in_trainable if self.grow_pruned else in_trainable | inactive
         self.grow.update(flat_grad.abs(), grow_excluded, signed=flat_grad)
+
+    # ---- checkpointing: a window open at save time is saved with the adapter and restored on load ----------
+
+    _CANDIDATE_FIELDS = ("positions", "sums", "signed_sums", "counts")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The window's statistics as plain tensors (all O(K) or O(in)), so that a run resumed from a checkpoint
+        saved inside a window continues exactly."""
+        meta = [self.steps, int(self.finite), int(self.prune is not None), int(self.grow_pruned), self.grow.capacity]
+        state = {
+            "meta": torch.tensor(meta, dtype=torch.int64),
+            "restore_sums": self.restore_sums,
+            "column_sq_sums": self.column_sq_sums,
+        }
+        for prefix, candidates in (("grow", self.grow), ("prune", self.prune)):
+            if candidates is not None:
+                state.update({f"{prefix}_{field}": getattr(candidates, field) for field in self._CANDIDATE_FIELDS})
+        return {key: value.detach().clone().contiguous() for key, value in state.items()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device) -> GradientWindow:
+        steps, finite, track_sensitivity, grow_pruned, capacity = (int(v) for v in state["meta"].tolist())
+        in_features = state["column_sq_sums"].numel()
+        window = cls(capacity, in_features, bool(track_sensitivity), bool(grow_pruned), device)
+        window.steps, window.finite = steps, bool(finite)
+        window.restore_sums = state["restore_sums"].to(device=device, dtype=torch.float32)
+        window.column_sq_sums = state["column_sq_sums"].to(device=device, dtype=torch.float32)
+        for prefix, candidates in (("grow", window.grow), ("prune", window.prune)):
+            if candidates is not None:
+                for field in cls._CANDIDATE_FIELDS:
+                    value = state[f"{prefix}_{field}"].to(device)
+                    setattr(candidates, field, value.long() if field == "positions" else value.float())
+        return window
