@@ -366,6 +366,7 @@ class SEFTLinear(nn.Module, SEFTLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, num_trainable, kwargs.get("layer_name", ""))
         self._warned_about_hooks = False
+        self.register_state_dict_pre_hook(_show_base_weight_in_state_dict)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged and not self.disable_adapters:
@@ -397,6 +398,13 @@ class SEFTLinear(nn.Module, SEFTLayer):
 
     def __repr__(self) -> str:
         return "seft." + super().__repr__()
+
+
+def _show_base_weight_in_state_dict(module: SEFTLinear, prefix: str, keep_vars: bool) -> None:
+    # A state dict must hold W0, not the W the last forward wrote in place: a full model state dict loaded into a
+    # fresh model would otherwise apply the adapter twice. The next forward writes W again (O(K)).
+    if not module.merged:
+        module._restore_base_weight()
 
 
 def check_nm_pattern(weight: torch.Tensor, pattern: str, layer_name: str) -> None:

@@ -203,3 +203,21 @@ def test_registration_is_idempotent():
 
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType("SEFT")] is peft_seft.SEFTConfig
     assert get_peft_model(tiny_llama(), peft_seft.SEFTConfig()).peft_type == "SEFT"
+
+
+def test_full_state_dict_holds_the_base_weight_not_the_in_place_one(input_ids):
+    """A full state dict saved mid-training (as some frameworks do) must not bake W into the base weight, or a
+    model rebuilt from it would apply the adapter twice."""
+    base = tiny_llama()
+    originals = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = get_peft_model(base, SEFTConfig(density=0.05))
+    randomize_(model)
+    expected = outputs(model, input_ids)  # this forward writes W in place
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, tensor in state.items():
+        if name.endswith("base_layer.weight"):
+            original_name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert torch.equal(tensor, originals[original_name]), name
+    rebuilt = get_peft_model(tiny_llama(), SEFTConfig(density=0.05))
+    rebuilt.load_state_dict(state)
+    torch.testing.assert_close(outputs(rebuilt, input_ids), expected, rtol=0, atol=0)
