@@ -29,6 +29,10 @@ def resolve_sparsity(sparsity: float | None, pattern: str | None) -> tuple[float
     Unstructured pruning needs ``0 <= sparsity < 1``. With an N:M pattern the sparsity is implied (``1 - N/M``):
     pass ``sparsity=None`` or exactly that value.
     """
+    if sparsity is not None and (
+        isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1
+    ):
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}.")
     if pattern is not None:
         n, m = parse_nm_pattern(pattern)
         implied = 1 - n / m
@@ -40,8 +44,6 @@ def resolve_sparsity(sparsity: float | None, pattern: str | None) -> tuple[float
         return implied, (n, m)
     if sparsity is None:
         raise ValueError("Unstructured pruning needs a sparsity in [0, 1), e.g. sparsity=0.5 (or pass pattern='2:4').")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}.")
     return float(sparsity), None
 
 

@@ -172,22 +172,34 @@ def prune_blockwise(
     for index, block in enumerate(tqdm(blocks, desc=description, unit="block", disable=not show_progress)):
         prefix = f"{blocks_name}.{index}."
         layers = {name: module for name, module in targets.items() if name.startswith(prefix)}
-        stats = {
-            name: InputStatistics(logical_weight(module).shape[1], statistics_kind, module.weight.device)
-            for name, module in layers.items()
-        }
-        handles = [
-            module.register_forward_hook(lambda _module, inputs, _output, s=stats[name]: s.update(inputs[0]))
-            for name, module in layers.items()
-        ]
-        try:
+        if layers:
+            _prune_block(block, layers, batches, statistics_kind, prune_layer)
+        if index + 1 < len(blocks):
             for batch in batches:
-                run_block(block, batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for name, module in layers.items():
-            prune_layer(name, module, stats[name])
-        del stats
+                batch.hidden_states = run_block(block, batch)
+
+
+def _prune_block(
+    block: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: list[BlockBatch],
+    statistics_kind: str,
+    prune_layer: Callable[[str, nn.Module, InputStatistics], None],
+) -> None:
+    """Accumulate input statistics of ``layers`` over a forward of ``block`` on every batch, then prune them."""
+    stats = {
+        name: InputStatistics(logical_weight(module).shape[1], statistics_kind, module.weight.device)
+        for name, module in layers.items()
+    }
+    handles = [
+        module.register_forward_hook(lambda _module, inputs, _output, s=stats[name]: s.update(inputs[0]))
+        for name, module in layers.items()
+    ]
+    try:
         for batch in batches:
-            batch.hidden_states = run_block(block, batch)
+            run_block(block, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, module in layers.items():
+        prune_layer(name, module, stats[name])

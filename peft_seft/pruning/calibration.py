@@ -76,10 +76,7 @@ def build_calibration(
     """
     if num_samples < 1 or seq_len < 1:
         raise ValueError(f"num_samples and seq_len must be positive, got {num_samples} and {seq_len}.")
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        datasets = None
+    import datasets  # a dependency; imported here because it is slow to import
 
     if isinstance(calibration, (list, tuple)) and not calibration:
         raise ValueError(f"The calibration data is empty; pass {CALIBRATION_KINDS} with at least one token.")
@@ -92,7 +89,7 @@ def build_calibration(
             ids = windows(calibration, seq_len, num_samples)
         else:
             raise ValueError(f"Calibration token ids must be 1-D or 2-D, got shape {tuple(calibration.shape)}.")
-    elif datasets is not None and isinstance(calibration, datasets.Dataset):
+    elif isinstance(calibration, datasets.Dataset):
         ids = windows(_dataset_stream(calibration, tokenizer, text_column), seq_len, num_samples)
     elif isinstance(calibration, (list, tuple)) and all(isinstance(text, str) for text in calibration):
         ids = windows(token_stream(calibration, tokenizer), seq_len, num_samples)

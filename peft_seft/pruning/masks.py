@@ -118,27 +118,28 @@ def sparsegpt_prune(
 
     for block_index, start in enumerate(range(0, in_features, blocksize)):
         end = min(start + blocksize, in_features)
-        w_block = w[:, start:end].clone(memory_format=torch.contiguous_format)
+        # Columns of the block as contiguous rows: the per-column loop below is latency-bound, so few, simple ops.
+        w_cols = w[:, start:end].T.contiguous()
         hinv_block = hinv[start:end, start:end]
-        hinv_diag = torch.diagonal(hinv_block)
-        errors = torch.zeros_like(w_block)
-        keep = torch.ones(w_block.shape, dtype=torch.bool, device=w.device)
+        hinv_diag = torch.diagonal(hinv_block).unsqueeze(1)
+        errors = torch.zeros_like(w_cols)
+        keep = torch.ones(w_cols.shape, dtype=torch.bool, device=w.device)
         if counts is not None and counts[block_index]:
-            scores = (w_block**2 / hinv_diag.unsqueeze(0) ** 2).flatten()
+            scores = (w_cols**2 / hinv_diag**2).flatten()
             keep.view(-1)[torch.topk(scores, counts[block_index], largest=False).indices] = False
+        keep_f = keep.float()
+        drop_scaled = (1 - keep_f) / hinv_diag  # error of column i = w_i * drop_scaled_i
 
         for i in range(end - start):
             if nm is not None and i % nm[1] == 0:
                 group = slice(i, i + nm[1])
-                scores = w_block[:, group] ** 2 / hinv_diag[group].unsqueeze(0) ** 2
-                keep[:, group] = keep_mask_from_scores(scores, nm=nm)
-            column = w_block[:, i]
-            pruned_column = column * keep[:, i]
-            error = (column - pruned_column) / hinv_block[i, i]
-            w_block[:, i:] -= error.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            w_block[:, i] = pruned_column
-            errors[:, i] = error
+                scores = w_cols[group] ** 2 / hinv_diag[group] ** 2
+                keep_f[group] = keep_mask_from_scores(scores.T, nm=nm).T.float()
+                drop_scaled[group] = (1 - keep_f[group]) / hinv_diag[group]
+            torch.mul(w_cols[i], drop_scaled[i], out=errors[i])
+            w_cols[i:].addr_(hinv_block[i, i:], errors[i], alpha=-1)
+            w_cols[i].mul_(keep_f[i])  # exact zeros where pruned
 
-        w[:, start:end] = w_block
-        w[:, end:] -= errors @ hinv[start:end, end:]
+        w[:, start:end] = w_cols.T
+        w[:, end:] -= errors.T @ hinv[start:end, end:]
     return w.to(weight.dtype)
