@@ -50,7 +50,11 @@ def sampled_gradient(grad_out: torch.Tensor, inputs: torch.Tensor, pattern: Samp
             pattern.shape,
             check_invariants=False,
         )
-    sampled = torch.sparse.sampled_addmm(template, grad_out.float().T, inputs.float(), beta=0.0)
+    # The CPU kernel wants (out, N) and a column-major (N, in); transposing before the fp32 upcast halves the
+    # copied bytes for bf16/fp16 activations (sampled_addmm has no bf16 kernel).
+    grad_t = grad_out.T.contiguous().float()
+    inputs_t = inputs.T.contiguous().float().T
+    sampled = torch.sparse.sampled_addmm(template, grad_t, inputs_t, beta=0.0)
     result[pattern.order] = sampled.values()
     return result
 
