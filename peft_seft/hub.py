@@ -73,6 +73,11 @@ def evolution_summary(peft_model: Any, adapter_name: str = "default") -> str | N
     )
 
 
+def _cell(value: Any) -> str:
+    """A markdown table cell: pipes (e.g. in a target_modules regex) escaped."""
+    return str(value).replace("|", "\\|")
+
+
 def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or Path(name).exists()
 
@@ -131,7 +136,7 @@ def model_card_text(
         "",
         "| setting | value |",
         "|---|---|",
-        *(f"| {name} | {value} |" for name, value in settings.items()),
+        *(f"| {name} | {_cell(value)} |" for name, value in settings.items()),
         "",
         "## Evolution summary",
         "",

@@ -70,6 +70,7 @@ def test_card_has_peft_metadata_sparsity_and_evolution_settings(trained, tmp_pat
     for name, value in {**SETTINGS, "density": 0.1, "grow_pruned": True, "prune_criterion": "sensitivity"}.items():
         assert f"| {name} | {value} |" in text, name
     assert "| pattern | unstructured |" in text
+    assert "(?:down_proj\\|gate_proj\\|" in text  # the regex's pipes are escaped inside the markdown table
     rounds = trained.base_model.evolution.reports
     assert [r.step for r in rounds] == [2, 4, 6]
     assert f"{len(rounds)} evolution rounds (optimizer steps 2 to 6" in text

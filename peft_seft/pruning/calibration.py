@@ -44,7 +44,9 @@ def _dataset_stream(dataset: Any, tokenizer: Any, text_column: str | None) -> to
         return torch.tensor([i for row in dataset["input_ids"] for i in row], dtype=torch.long)
     if text_column is None:
         string_columns = [
-            name for name, feature in dataset.features.items() if getattr(feature, "dtype", None) == "string"
+            name
+            for name, feature in dataset.features.items()
+            if getattr(feature, "dtype", None) in ("string", "large_string")
         ]
         if "text" in columns:
             text_column = "text"
