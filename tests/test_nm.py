@@ -17,6 +17,7 @@ from peft_seft.nm_evolution import evolve_nm, nm_group_of, nm_group_positions
 from peft_seft.sparsity import logical_weight, nm_group_counts, parse_nm_pattern
 from peft_seft.targets import find_target_linears
 from tests.conftest import VOCAB, tiny_llama
+from tests.test_evolution import train_student
 
 PATTERNS = ["1:2", "2:4", "4:8", "1:4"]
 
@@ -356,34 +357,6 @@ def test_export_converts_2_4_weights_on_cuda():
     assert report.converted == 2
     actual = model.layers[1].proj(model.layers[0].proj(x))
     assert torch.allclose(actual, expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
-
-
-class Student(nn.Module):
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        with torch.no_grad():
-            self.proj.weight.copy_(weight)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
-def train_student(config: SEFTConfig, base: torch.Tensor, teacher: torch.Tensor, steps: int) -> tuple[float, nn.Module]:
-    torch.manual_seed(0)
-    model = get_peft_model(Student(base), config)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    data = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x = torch.randn(64, base.shape[1], generator=data)
-        loss = (model(x) - x @ teacher.T).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    x = torch.randn(512, base.shape[1], generator=data)
-    with torch.no_grad():
-        final = float((model(x) - x @ teacher.T).pow(2).mean())
-    return final, model.merge_and_unload()
 
 
 def test_in_group_reactivation_beats_frozen_topology_nm():
