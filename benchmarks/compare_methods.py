@@ -816,7 +816,7 @@ def plot(args, info, rows) -> None:
         for path in args.compare_with:  # other seeds as black dots
             saved = json.loads(path.read_text())
             points = [(i, other_ppl(saved, r)) for i, r in enumerate(chosen)]
-            points = [(i, v) for i, v in points if v is not None]
+            points = [(i + 0.28, v) for i, v in points if v is not None]  # beside the bar's own label
             if points:
                 ax.plot(*zip(*points, strict=True), "k.", markersize=7, label=f"seed {seed_of(saved)}")
         for bar, r in zip(bars, chosen, strict=True):
