@@ -1,13 +1,24 @@
-"""Cost of SEFT evolution on the core benchmark model: ordinary steps, gradient-window steps, and the round itself.
+"""What evolution costs: evolving SEFT against static SEFT (initial_drop_rate=0), step by step in one process.
 
-    python benchmarks/round_cost.py
+    python benchmarks/round_cost.py [--repeats 3] [--output benchmarks/results/round_cost.md]
 
-Random Llama (hidden 512, 4 layers, intermediate 1376, vocab 8192), batch 4 x 256, density 0.01, update_interval 20,
-selection_steps 5, AdamW, 1 torch thread. Prints median step times and the share of training time spent in rounds
-and in the extra work of window steps over steps 21-60.
+Random Llama (hidden 512, 4 layers, intermediate 1376, vocab 8192), batch 4 x 256, density 0.01, the default
+update_interval (20) and selection_steps (5), AdamW, 1 torch thread. Each repetition trains both models for
+3 intervals, their steps interleaved (static, evolving, static, ...), so that both see the same machine load;
+steps 21-60 (two full intervals) are compared. Peak memory: each variant runs alone in a child process, and the
+growth of its peak RSS over the RSS after building the model is reported.
 """
 
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from peft import get_peft_model
@@ -15,11 +26,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_seft
 
-INTERVAL, WINDOW = 20, 5
+INTERVAL, WINDOW, STEPS = 20, 5, 60
 
 
-def main() -> None:
-    torch.set_num_threads(1)
+def build(evolving: bool):
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=512,
@@ -29,42 +39,117 @@ def main() -> None:
         num_key_value_heads=8,
         vocab_size=8192,
     )
-    seft = peft_seft.SEFTConfig(density=0.01, update_interval=INTERVAL, selection_steps=WINDOW, total_steps=10**6)
+    seft = peft_seft.SEFTConfig(
+        density=0.01, initial_drop_rate=0.2 if evolving else 0.0, total_steps=10**6, random_seed=0
+    )
+    assert (seft.update_interval, seft.selection_steps) == (INTERVAL, WINDOW)
     model = get_peft_model(LlamaForCausalLM(config), seft)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, config.vocab_size, (4, 256))
+    return model, optimizer, torch.randint(0, config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
 
-    evolution = model.base_model.evolution
-    run_round, round_seconds = evolution._run_round, []
 
-    def timed_round(*args, **kwargs):
-        start = time.perf_counter()
-        run_round(*args, **kwargs)
-        round_seconds.append(time.perf_counter() - start)
+def train_step(model, optimizer, ids) -> float:
+    start = time.perf_counter()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return time.perf_counter() - start
 
-    evolution._run_round = timed_round
-    step_seconds = {}
-    for step in range(1, 3 * INTERVAL + 1):
-        start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        step_seconds[step] = time.perf_counter() - start
 
-    def median(values):
-        return sorted(values)[len(values) // 2]
+def kind_of(step: int) -> str:
+    position = (step - 1) % INTERVAL + 1  # 1..20; the round runs after step 20's optimizer step
+    if position == INTERVAL:
+        return "last window step + round"
+    if position == INTERVAL - WINDOW + 1:
+        return "first window step"
+    if position > INTERVAL - WINDOW:
+        return "later window steps"
+    return "ordinary"
 
-    in_window = {step: (-step) % INTERVAL < WINDOW for step in step_seconds}
-    ordinary = median([t for s, t in step_seconds.items() if s > WINDOW and not in_window[s]])
-    window = median([t for s, t in step_seconds.items() if s > WINDOW and in_window[s]])
-    measured = [t for s, t in step_seconds.items() if s > INTERVAL]
-    total = sum(measured)
-    rounds = sum(round_seconds[-2:])
-    window_extra = (window - ordinary) * WINDOW * 2
-    print(f"ordinary step {ordinary * 1e3:.0f} ms, window step {window * 1e3:.0f} ms (rounds run at multiples of 20)")
-    print(f"rounds: {[round(r * 1e3) for r in round_seconds]} ms")
-    print(f"steps {INTERVAL + 1}-{3 * INTERVAL}: {total:.1f} s; rounds {100 * rounds / total:.1f} %, ", end="")
-    print(f"extra work of window steps {100 * window_extra / total:.1f} %")
+
+def time_interleaved() -> dict:
+    variants = {"static": build(False), "evolving": build(True)}
+    seconds = {name: {} for name in variants}
+    for step in range(1, STEPS + 1):
+        for name in ("static", "evolving") if step % 2 else ("evolving", "static"):
+            seconds[name][step] = train_step(*variants[name])
+    return seconds
+
+
+def peak_memory(variant: str) -> dict[str, float]:
+    """Peak RSS (MiB) of training ``variant`` alone for STEPS steps in a child process, and its growth over the RSS
+    after building the model."""
+    code = (
+        "import resource, sys; sys.path.insert(0, 'benchmarks'); import round_cost as rc; import torch; "
+        "torch.set_num_threads(1); m, o, ids = rc.build(sys.argv[1] == 'evolving'); "
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        "[rc.train_step(m, o, ids) for _ in range(rc.STEPS)]; "
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; print(peak / 1024, (peak - base) / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, variant], capture_output=True, text=True, check=True)
+    peak, growth = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
+    return {"peak": peak, "growth": growth}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions of the interleaved run")
+    parser.add_argument("--output", type=Path, default=None, help="write the markdown table (and .json) here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    rows = []
+    for repeat in range(args.repeats):
+        seconds = time_interleaved()
+        measured = range(INTERVAL + 1, STEPS + 1)
+        total = {name: sum(seconds[name][s] for s in measured) for name in seconds}
+        row = {"repeat": repeat, "evolution overhead": total["evolving"] / total["static"] - 1}
+        for kind in ("ordinary", "first window step", "later window steps", "last window step + round"):
+            steps = [s for s in measured if kind_of(s) == kind]
+            ratios = [seconds["evolving"][s] / seconds["static"][s] for s in steps]
+            row[kind] = statistics.median(ratios)
+        row["static step ms"] = 1e3 * statistics.median(seconds["static"][s] for s in measured)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    memory = {variant: [peak_memory(variant) for _ in range(2)] for variant in ("static", "evolving")}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak RSS growth MiB": memory}), flush=True)
+
+    lines = [
+        "# Cost of evolution: evolving vs static SEFT, interleaved in one process",
+        "",
+        f"Command: `python benchmarks/round_cost.py --repeats {args.repeats}`. Random Llama (hidden 512, 4 layers), "
+        "batch 4 x 256, density 0.01, update_interval 20, selection_steps 5 (defaults), AdamW, 1 torch thread, "
+        f"torch {torch.__version__}. Steps 21-60 of each repetition; ratios are evolving / static for the same step.",
+        "",
+        "| repeat | evolution overhead (steps 21-60) | ordinary steps | first window step | later window steps "
+        "| last window step + round | static step (median) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['repeat']} | {100 * row['evolution overhead']:+.1f} % | {row['ordinary']:.3f}x "
+            f"| {row['first window step']:.3f}x | {row['later window steps']:.3f}x "
+            f"| {row['last window step + round']:.3f}x | {row['static step ms']:.0f} ms |"
+        )
+    peak = {v: statistics.mean(m["peak"] for m in memory[v]) for v in memory}
+    growth = {v: statistics.mean(m["growth"] for m in memory[v]) for v in memory}
+    lines += [
+        "",
+        "Peak memory, each variant alone in a child process for 60 steps (mean of two runs):",
+        "",
+        "| variant | peak RSS | growth during training |",
+        "|---|---:|---:|",
+        *(f"| {v} | {peak[v]:.0f} MiB | {growth[v]:.1f} MiB |" for v in ("static", "evolving")),
+        "",
+        f"Evolution adds {100 * (peak['evolving'] / peak['static'] - 1):+.2f} % to peak RSS "
+        f"({peak['evolving'] - peak['static']:+.1f} MiB). (This process's own peak RSS: {rss:.0f} MiB.)",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+        args.output.with_suffix(".json").write_text(json.dumps({"rows": rows, "peak_rss_growth_mib": memory}, indent=1))
 
 
 if __name__ == "__main__":

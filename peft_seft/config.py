@@ -12,6 +12,7 @@ from .sparsity import parse_nm_pattern
 
 DROP_SCHEDULES = ("cosine", "linear")
 PRUNE_CRITERIA = ("sensitivity", "magnitude", "wanda")
+WINDOW_STATISTICS = ("abs_sum", "mean_abs")
 
 
 @dataclass
@@ -112,26 +113,50 @@ class SEFTConfig(PeftConfig):
             "initial positions with gradient-chosen ones."
         },
     )
-    grow_pruned: bool = field(
-        default=True,
+    grow_pruned: bool | None = field(
+        default=None,
         metadata={
             "help": "Allow growth into positions that are zero in the base weight or were pruned by SEFT "
-            "(re-activation). False restricts growth to currently active weights. With `pattern`, a re-activation "
-            "is paid for inside its N:M group; False then gives the paper's frozen-topology N:M mode."
+            "(re-activation). False restricts growth to currently active weights. None (default): True without "
+            "`pattern`, False with it (the paper's frozen-topology N:M mode). True with `pattern` is this package's "
+            "extension, not in the paper: a re-activation is paid for inside its N:M group."
         },
     )
     prune_criterion: Literal["sensitivity", "magnitude", "wanda"] = field(
         default="sensitivity",
         metadata={
-            "help": "Score used to choose which frozen weights pay for re-activated ones: 'sensitivity' |W*G| "
-            "(first-order Taylor), 'magnitude' |W|, or 'wanda' |W|*||X_col||."
+            "help": "Score used to choose which frozen weights pay for re-activated ones: 'sensitivity' (first-order "
+            "Taylor |W * G|, see `sensitivity_statistic`), 'magnitude' |W|, or 'wanda' |W|*||X_col||."
+        },
+    )
+    growth_statistic: Literal["abs_sum", "mean_abs"] = field(
+        default="abs_sum",
+        metadata={
+            "help": "How the window's optimizer-step gradients g of a position become its growth score: 'abs_sum' "
+            "|sum of g| (RigL, SpIEL: noise cancels) or 'mean_abs' mean |g|."
+        },
+    )
+    sensitivity_statistic: Literal["abs_sum", "mean_abs"] = field(
+        default="abs_sum",
+        metadata={
+            "help": "Sensitivity of a frozen weight W for re-pruning (and of a pruned one for restoring): 'abs_sum' "
+            "|W * sum of g| over the window (first-order Taylor) or 'mean_abs' mean |W * g|."
+        },
+    )
+    candidate_factor: float = field(
+        default=4.0,
+        metadata={
+            "help": "Each window tracks exact gradient sums at candidate_factor * d growth candidates and as many "
+            "prune candidates (d = positions the coming round replaces), chosen on the window's first micro-batch. "
+            "Larger values find more of the exact best positions at a higher window cost."
         },
     )
     seed_optimizer_state: bool = field(
-        default=False,
+        default=True,
         metadata={
-            "help": "Seed the Adam moments of grown entries from the accumulated gradient statistics (SpIEL) instead "
-            "of resetting them to zero."
+            "help": "For Adam-family optimizers, seed the moments of grown entries with the mean and mean square of "
+            "their window gradients (SpIEL), so that their first updates have the size of established entries'. "
+            "False zeroes them. Other optimizers always get their state at changed slots zeroed."
         },
     )
     total_steps: int | None = field(
@@ -156,6 +181,8 @@ class SEFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = SEFT_PEFT_TYPE
+        if self.grow_pruned is None:
+            self.grow_pruned = self.pattern is None
         if isinstance(self.target_modules, list | tuple):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list | tuple):
@@ -180,6 +207,11 @@ class SEFTConfig(PeftConfig):
             fail("drop_schedule", f"allowed values are {DROP_SCHEDULES}")
         if self.prune_criterion not in PRUNE_CRITERIA:
             fail("prune_criterion", f"allowed values are {PRUNE_CRITERIA}")
+        for name in ("growth_statistic", "sensitivity_statistic"):
+            if getattr(self, name) not in WINDOW_STATISTICS:
+                fail(name, f"allowed values are {WINDOW_STATISTICS}")
+        if not isinstance(self.candidate_factor, int | float) or not self.candidate_factor >= 1:
+            fail("candidate_factor", "it must be a number >= 1")
         if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
             fail("total_steps", "it must be a positive integer or None (then the Trainer's max steps are used)")
         if self.pattern is not None:

@@ -2,8 +2,10 @@
 
 Positions are flat indices into the layer's logical (out, in) weight. A round:
 
-1. drop the ``d`` trainable entries with the smallest |delta|;
-2. grow ``d`` candidates (not trainable now) with the largest accumulated |grad|;
+1. drop the ``d`` trainable entries with the smallest |delta|; a dropped entry whose own growth score ranks among
+   the ``d`` best of the dropped entries and the growth candidates is re-grown at once: it keeps its slot and value
+   (as in SpIEL), and the round changes one position fewer;
+2. grow candidates (not trainable now) with the largest window score into the dropped slots;
 3. keep the layer's structurally active count at N: with ``v`` grown positions that were inactive (zero in
    W0 or pruned by SEFT) and ``u`` dropped positions that were zero in W0, prune ``v - u`` frozen active
    weights with the smallest score into P, or restore ``u - v`` positions of P with the largest score.
@@ -55,6 +57,26 @@ def drop_count(num_trainable: int, drop_rate: float) -> int:
     return int(drop_rate * num_trainable)
 
 
+def drop_order(
+    values: torch.Tensor, num_drop: int, trainable_scores: torch.Tensor | None, candidate_scores: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Slots in the order they are dropped, and how many are dropped.
+
+    The ``num_drop`` entries with the smallest |delta| are due; those whose growth score (``trainable_scores``, K)
+    ranks among the ``num_drop`` best of theirs and the ``candidate_scores`` of the eligible growth candidates are
+    re-grown at once and move to the end of the order (ties favour keeping). ``trainable_scores=None`` keeps none.
+    """
+    order = torch.argsort(values.detach().abs(), stable=True)
+    if trainable_scores is None or num_drop <= 0:
+        return order, num_drop
+    due = order[:num_drop]
+    pool = torch.cat([trainable_scores[due].float(), candidate_scores.float()])
+    best = torch.argsort(pool, descending=True, stable=True)[:num_drop]
+    kept = torch.zeros(due.numel(), dtype=torch.bool, device=due.device)
+    kept[best[best < due.numel()]] = True
+    return torch.cat([due[~kept], order[num_drop:], due[kept]]), int((~kept).sum())
+
+
 def evolve(
     indices: torch.Tensor,
     values: torch.Tensor,
@@ -66,10 +88,12 @@ def evolve(
     restore_scores: torch.Tensor,
     num_drop: int,
     grow_pruned: bool = True,
+    trainable_scores: torch.Tensor | None = None,
 ) -> RoundResult:
     """One round. ``zero_in_base`` (K,): W0 is zero at each trainable position. ``grow_inactive``: each growth
     candidate is structurally inactive (zero in W0 or in P). ``prune`` candidates are frozen active weights
-    (non-zero, not trainable, not in P). ``restore_scores`` are aligned with ``pruned``."""
+    (non-zero, not trainable, not in P). ``restore_scores`` are aligned with ``pruned``. ``trainable_scores`` (K,):
+    the growth scores of T, so that a dropped entry can be re-grown with its value (see :func:`drop_order`)."""
     indices, pruned = indices.long(), pruned.long()
     eligible = ~torch.isin(grow.positions, indices)
     if not grow_pruned:
@@ -79,11 +103,11 @@ def evolve(
         grow.scores[eligible],
         grow_inactive[eligible],
     )
-    drop_order = torch.argsort(values.detach().abs(), stable=True)
+    slots_in_order, num_drop = drop_order(values, num_drop, trainable_scores, grow_scores)
     num_changes = min(num_drop, grow_positions.numel(), indices.numel())
     prune_budget = prune.positions.numel()
     while True:
-        drop_slots = drop_order[:num_changes]
+        drop_slots = slots_in_order[:num_changes]
         reactivated_dropped = int(zero_in_base[drop_slots].sum())
         # Each inactive growth beyond the re-activated drops must be paid for by pruning a frozen weight.
         chosen = _top_with_cap(grow_scores, grow_inactive, num_changes, reactivated_dropped + prune_budget)

@@ -15,6 +15,7 @@ written back bit-exactly whenever the adapter is disabled, unmerged, unloaded or
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -27,7 +28,7 @@ from .config import SEFTConfig
 from .evolution import Candidates, RoundCounts, RoundResult, evolve
 from .fingerprint import weight_fingerprint
 from .nm_evolution import evolve_nm
-from .sparse_ops import GradientCollector, SamplePattern, seft_linear
+from .sparse_ops import SamplePattern, sampled_gradient, seft_linear
 from .sparsity import logical_weight, nm_group_counts, parse_nm_pattern
 from .window import GradientWindow
 
@@ -59,8 +60,8 @@ class SEFTLayer(BaseTunerLayer):
         self._touched_positions: torch.Tensor | None = None
         self._original_values: torch.Tensor | None = None
         self._pattern_cache: dict[str, tuple[tuple, SamplePattern]] = {}
-        self.gradient_collector: GradientCollector | None = None
         self._windows: dict[str, GradientWindow] = {}
+        self._window_patterns: dict[str, SamplePattern] = {}  # the sampled-gradient pattern of each window's candidates
         self._nm_patterns: dict[str, tuple[int, int]] = {}  # adapter -> (N, M) when its config has a pattern
 
     # ---- adapter state -------------------------------------------------------------------------------
@@ -184,17 +185,16 @@ class SEFTLayer(BaseTunerLayer):
             values[known] = self._original_values[slot[known]].to(values)
         return values
 
-    def open_window(self, adapter_name: str, track_sensitivity: bool, grow_pruned: bool) -> None:
-        """Start collecting gradient statistics for the next round of this adapter."""
-        capacity = self.seft_values[adapter_name].numel()
-        device = self.seft_values[adapter_name].device
-        self._windows[adapter_name] = GradientWindow(capacity, self.in_features, track_sensitivity, grow_pruned, device)
-        self.gradient_collector = self._collect_gradient
+    def open_window(self, adapter_name: str, num_grow: int, num_prune: int, grow_pruned: bool) -> None:
+        """Start gathering gradient statistics for the next round of this adapter (see window.py)."""
+        self._windows[adapter_name] = GradientWindow(
+            self.seft_indices[adapter_name], num_grow, num_prune, grow_pruned, self.in_features
+        )
+        self._window_patterns.pop(adapter_name, None)
 
     def close_window(self, adapter_name: str) -> GradientWindow | None:
         window = self._windows.pop(adapter_name, None)
-        if not self._windows:
-            self.gradient_collector = None
+        self._window_patterns.pop(adapter_name, None)
         return window
 
     def restore_window(self, adapter_name: str, window: GradientWindow | None) -> None:
@@ -202,19 +202,38 @@ class SEFTLayer(BaseTunerLayer):
         self.close_window(adapter_name)
         if window is not None:
             self._windows[adapter_name] = window
-            self.gradient_collector = self._collect_gradient
 
-    def _collect_gradient(self, grad_out: torch.Tensor, inputs: torch.Tensor) -> None:
-        # The dense weight gradient of this layer only, freed when this returns.
-        grad = grad_out.T.float() @ inputs.float()
-        weight = logical_weight(self.get_base_layer()).detach()
-        for name, window in self._windows.items():
-            pruned = self.seft_pruned[name]
-            base_at_pruned = self.base_values_at(pruned.clamp_min(0))
-            window.update(grad, inputs, weight, self.seft_indices[name], pruned, base_at_pruned)
+    def _collect_gradient(
+        self, adapter_names: tuple[str, ...], grad_out: torch.Tensor, inputs: torch.Tensor, value_grads: list
+    ) -> None:
+        """Called in backward with this micro-batch's output gradient and inputs (N, out), (N, in), and the value
+        gradient of each adapter of the forward. The dense weight gradient is formed only on a window's first
+        micro-batch, to choose its candidates, and is freed when this returns."""
+        dense = None
+        for name, value_grad in zip(adapter_names, value_grads, strict=True):
+            window = self._windows.get(name)
+            if window is None or value_grad is None:
+                continue
+            if not window.selected:
+                if dense is None:
+                    dense = grad_out.T.float() @ inputs.float()
+                window.select(dense, logical_weight(self.get_base_layer()).detach(), self.pruned_positions(name))
+                candidate_grad = dense.reshape(-1)[window.candidates]
+            else:
+                if name not in self._window_patterns:
+                    shape = (self.out_features, self.in_features)
+                    self._window_patterns[name] = SamplePattern.from_flat(window.candidates, shape)
+                candidate_grad = sampled_gradient(grad_out, inputs, self._window_patterns[name])
+            window.add_micro_batch(value_grad, candidate_grad, inputs)
+
+    def end_window_step(self, adapter_name: str) -> None:
+        """After an optimizer step: fold that step's gradients into the adapter's window (if one is open)."""
+        window = self._windows.get(adapter_name)
+        if window is not None:
+            window.end_step(self.seft_values[adapter_name].grad)
 
     def evolve_adapter(
-        self, adapter_name: str, drop_rate: float, prune_criterion: str, grow_pruned: bool
+        self, adapter_name: str, drop_rate: float, config: SEFTConfig
     ) -> tuple[RoundCounts, torch.Tensor, GradientWindow] | None:
         """Run one round on this adapter with the statistics of its closed window.
 
@@ -226,23 +245,25 @@ class SEFTLayer(BaseTunerLayer):
         indices, values = self.seft_indices[adapter_name], self.seft_values[adapter_name]
         pruned_buffer = self.seft_pruned[adapter_name]
         weight = self.effective_weight([adapter_name]).reshape(-1)
-        used = pruned_buffer != EMPTY_SLOT
-        grow = window.grow.candidates()
+        pruned = self.pruned_positions(adapter_name)
+        trainable_scores, grow = window.growth(config.growth_statistic)
+        restore_scores = window.at(pruned, config.sensitivity_statistic) * self.base_values_at(pruned).float().abs()
+        common = {
+            "indices": indices,
+            "values": values,
+            "pruned": pruned,
+            "zero_in_base": self.base_values_at(indices) == 0,
+            "grow": grow,
+            "restore_scores": restore_scores,
+            "num_drop": int(drop_rate * indices.numel()),
+            "grow_pruned": config.grow_pruned,
+            "trainable_scores": trainable_scores,
+        }
         if adapter_name in self._nm_patterns:
-            result = self._evolve_nm(adapter_name, window, weight, drop_rate, prune_criterion, grow_pruned)
+            result = self._evolve_nm(adapter_name, window, weight, config, common)
         else:
-            result = evolve(
-                indices=indices,
-                values=values,
-                pruned=pruned_buffer[used],
-                zero_in_base=self.base_values_at(indices) == 0,
-                grow=grow,
-                grow_inactive=weight[grow.positions] == 0,
-                prune=self._prune_candidates(adapter_name, window, weight, prune_criterion),
-                restore_scores=window.restore_sums[used] / window.steps,
-                num_drop=int(drop_rate * indices.numel()),
-                grow_pruned=grow_pruned,
-            )
+            prune = self._prune_candidates(adapter_name, window, weight, config)
+            result = evolve(grow_inactive=weight[grow.positions] == 0, prune=prune, **common)
         with torch.no_grad():
             indices.copy_(result.indices.to(indices.dtype))
             pruned_buffer.fill_(EMPTY_SLOT)
@@ -251,53 +272,34 @@ class SEFTLayer(BaseTunerLayer):
         return result.counts, result.changed_slots, window
 
     def _evolve_nm(
-        self,
-        adapter_name: str,
-        window: GradientWindow,
-        weight: torch.Tensor,
-        drop_rate: float,
-        prune_criterion: str,
-        grow_pruned: bool,
+        self, adapter_name: str, window: GradientWindow, weight: torch.Tensor, config: SEFTConfig, common: dict
     ) -> RoundResult:
         """The N:M round (nm_evolution.py): re-activation inside a group is paid for inside that group.
 
         Frozen partners: with the sensitivity criterion the window's least sensitive weights come first and the
-        other frozen weights of a group follow by magnitude |W| (the window holds only the K globally least
-        sensitive ones); magnitude and Wanda scores are computed directly for the groups involved."""
-        indices, pruned_buffer = self.seft_indices[adapter_name], self.seft_pruned[adapter_name]
-        used = pruned_buffer != EMPTY_SLOT
+        other frozen weights of a group follow by magnitude |W| (the window tracks only the least sensitive ones);
+        magnitude and Wanda scores are computed directly for the groups involved."""
         column_scale, prune = None, Candidates.empty(weight.device)
-        if prune_criterion == "wanda":
+        if config.prune_criterion == "wanda":
             column_scale = (window.column_sq_sums / window.steps).sqrt()
-        elif prune_criterion == "sensitivity" and window.prune is not None:
-            prune = window.prune.candidates()
+        elif config.prune_criterion == "sensitivity":
+            prune = window.sensitivity(config.sensitivity_statistic)
+        m = self._nm_patterns[adapter_name][1]
         return evolve_nm(
-            indices=indices,
-            values=self.seft_values[adapter_name],
-            pruned=pruned_buffer[used],
-            zero_in_base=self.base_values_at(indices) == 0,
-            weight=weight,
-            in_features=self.in_features,
-            m=self._nm_patterns[adapter_name][1],
-            grow=window.grow.candidates(),
-            prune=prune,
-            restore_scores=window.restore_sums[used] / window.steps,
-            num_drop=int(drop_rate * indices.numel()),
-            grow_pruned=grow_pruned,
-            column_scale=column_scale,
+            weight=weight, in_features=self.in_features, m=m, prune=prune, column_scale=column_scale, **common
         )
 
     def _prune_candidates(
-        self, adapter_name: str, window: GradientWindow, weight: torch.Tensor, criterion: str
+        self, adapter_name: str, window: GradientWindow, weight: torch.Tensor, config: SEFTConfig
     ) -> Candidates:
         """Frozen active positions (non-zero, not trainable) with the smallest scores, at most K of them."""
         trainable = self.seft_indices[adapter_name].long()
-        if criterion == "sensitivity":
-            candidates = window.prune.candidates()
+        if config.prune_criterion == "sensitivity":
+            candidates = window.sensitivity(config.sensitivity_statistic)
             still_frozen = (weight[candidates.positions] != 0) & ~torch.isin(candidates.positions, trainable)
             return Candidates(candidates.positions[still_frozen], candidates.scores[still_frozen])
         scores = weight.abs().float()
-        if criterion == "wanda":
+        if config.prune_criterion == "wanda":
             column_norms = (window.column_sq_sums / window.steps).sqrt()
             scores = (scores.view(self.out_features, self.in_features) * column_norms).reshape(-1)
         scores.masked_fill_(weight == 0, float("inf"))
@@ -383,7 +385,7 @@ class SEFTLinear(nn.Module, SEFTLayer):
         values = [self.seft_values[name] for name in names]
         patterns = [self.sample_pattern(name) for name in names]
         weight = logical_weight(base)
-        collector = self.gradient_collector if names else None
+        collector = functools.partial(self._collect_gradient, tuple(names)) if names and self._windows else None
         return seft_linear(x, weight, base.bias, values, patterns, collector)
 
     def _warn_once_about_hooks(self) -> None:

@@ -150,7 +150,17 @@ def restore_windows(model: nn.Module, config: SEFTConfig, adapter_name: str, sta
             fields.update({k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)})
         window = None
         if fields and not config.inference_mode:
-            window = GradientWindow.from_state_dict(fields, module.seft_values[adapter_name].device)
+            trainable = state_dict.get(f"{name}.seft_indices.{adapter_name}", module.seft_indices[adapter_name])
+            numel = module.in_features * module.out_features
+            try:
+                window = GradientWindow.from_state_dict(
+                    fields, trainable, numel, module.seft_values[adapter_name].device
+                )
+            except ValueError as error:
+                raise ValueError(
+                    f"The saved gradient window of SEFT layer {name} (adapter {adapter_name!r}) is invalid: {error}. "
+                    "The checkpoint is damaged; resume from another checkpoint."
+                ) from None
         module.restore_window(adapter_name, window)
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from .evolution import Candidates, RoundCounts, RoundResult
+from .evolution import Candidates, RoundCounts, RoundResult, drop_order
 
 
 def nm_group_of(positions: torch.Tensor, in_features: int, m: int) -> torch.Tensor:
@@ -80,6 +80,7 @@ def evolve_nm(
     num_drop: int,
     grow_pruned: bool = True,
     column_scale: torch.Tensor | None = None,
+    trainable_scores: torch.Tensor | None = None,
 ) -> RoundResult:
     """One N:M round (see the module docstring).
 
@@ -121,13 +122,13 @@ def evolve_nm(
     frozen_budget = frozen_count.clone()
     trainable_group = compact(indices)
 
-    drop_order = torch.argsort(values.detach().abs(), stable=True)
+    slots_in_order, num_drop = drop_order(values, num_drop, trainable_scores, grow_scores)
     num_changes = min(num_drop, grow_positions.numel(), indices.numel())
     inactive_order = torch.argsort(grow_scores, descending=True, stable=True)
     inactive_order = inactive_order[grow_inactive[inactive_order]]
     inactive_rank = rank_within_groups(candidate_group, inactive_order)
     while True:
-        drop_slots = drop_order[:num_changes]
+        drop_slots = slots_in_order[:num_changes]
         dropped_zero = count(trainable_group[drop_slots], zero_in_base[drop_slots])
         dropped_nonzero = count(trainable_group[drop_slots], ~zero_in_base[drop_slots])
         cap = dropped_zero + frozen_budget + dropped_nonzero

@@ -4,7 +4,7 @@ The effective weight W = (W0 with P zeroed) + scatter(T, delta) is written into 
 (see layer.py), so forward and the input gradient cost exactly what the frozen layer costs. The only
 extra work is the value gradient dL/d delta_t = (dL/dY)^T X at the K positions of T: a sampled
 dense-dense product (SDDMM), never the dense weight gradient. Inside a gradient window an optional
-collector also receives the dense gradient, one layer at a time, to reduce it to O(K) statistics.
+collector also receives the output gradient, the inputs and the value gradients, to gather O(K) statistics.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def sampled_gradient(grad_out: torch.Tensor, inputs: torch.Tensor, pattern: Samp
     return result
 
 
-GradientCollector = Callable[[torch.Tensor, torch.Tensor], None]
+# Called in backward with the output gradient (N, out), the inputs (N, in) and the value gradients of every pattern.
+GradientCollector = Callable[[torch.Tensor, torch.Tensor, list], None]
 
 
 class _SEFTLinear(torch.autograd.Function):
@@ -90,12 +91,12 @@ class _SEFTLinear(torch.autograd.Function):
             grad_weight = (grad_2d.T @ x_2d.to(grad_2d.dtype)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
-        if ctx.collector is not None:
-            ctx.collector(grad_2d, x_2d)
         grad_values = [
             sampled_gradient(grad_2d, x_2d, pattern) if needed else None
             for pattern, needed in zip(ctx.patterns, ctx.needs_input_grad[5:], strict=True)
         ]
+        if ctx.collector is not None:
+            ctx.collector(grad_2d, x_2d, grad_values)
         return (grad_x, grad_weight, grad_bias, None, None, *grad_values)
 
 

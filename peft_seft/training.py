@@ -11,6 +11,7 @@ transformers Trainer and TRL's SFTTrainer therefore need no extra code. Rounds s
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .evolution import RoundCounts, drop_rate
+from .evolution import RoundCounts, drop_count, drop_rate
 from .layer import EMPTY_SLOT, SEFTLayer
 
 logger = logging.getLogger("peft_seft")
@@ -83,29 +84,33 @@ class Evolution:
                 return int(layer.seft_step[adapter_name].item())
         return 0
 
-    def trained_adapters(self, optimizer: torch.optim.Optimizer) -> list[str]:
+    def trained_layers(self, optimizer: torch.optim.Optimizer) -> dict[str, list[SEFTLayer]]:
+        """Per adapter, the layers whose values this optimizer trains (values that require grad): only those
+        evolve."""
         param_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        names = set()
+        trained: dict[str, list[SEFTLayer]] = {}
         for layer in self.layers():
             for name, values in layer.seft_values.items():
                 if id(values) in param_ids and values.requires_grad:
-                    names.add(name)
-        return sorted(names)
+                    trained.setdefault(name, []).append(layer)
+        return dict(sorted(trained.items()))
 
     def on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for name in self.trained_adapters(optimizer):
+        for name, trained in self.trained_layers(optimizer).items():
             config = self.config(name)
             if config.initial_drop_rate == 0:
                 continue
             if config.total_steps is None:
                 self.rate_at(name, 0)  # raises the error explaining total_steps at the first step, not the first round
-            layers = [layer for layer in self.layers() if name in layer.seft_values]
-            for layer in layers:
-                layer.seft_step[name] += 1
+            for layer in self.layers():
+                if name in layer.seft_step:
+                    layer.seft_step[name] += 1
+            for layer in trained:
+                layer.end_window_step(name)
             step = self.step_of(name)
             self._scheduled[name] = None
             if step % config.update_interval == 0:
-                self._run_round(name, layers, step, optimizer)
+                self._run_round(name, trained, step, optimizer)
             self.schedule_window(name, step)
 
     def before_forward(self) -> None:
@@ -143,7 +148,8 @@ class Evolution:
 
     def schedule_window(self, adapter_name: str, step: int) -> None:
         """Open the gradient window when the next optimizer step is one of the last ``selection_steps`` before a
-        round (and close stale windows otherwise)."""
+        round (and close stale windows otherwise). Windows are sized for the coming round: candidate_factor times
+        the number of positions it replaces, in growth and (sensitivity criterion) pruning candidates."""
         config = self.config(adapter_name)
         next_step = step + 1
         next_round = -(-next_step // config.update_interval) * config.update_interval
@@ -151,18 +157,16 @@ class Evolution:
         if config.total_steps is not None:
             collecting = collecting and self.round_due(adapter_name, next_round)
         for layer in self.layers():
-            if adapter_name not in layer.seft_values:
+            values = layer.seft_values.get(adapter_name)
+            if values is None:
                 continue
-            if not collecting:
+            if not collecting or not values.requires_grad:
                 layer.close_window(adapter_name)
             elif adapter_name not in layer._windows:
-                layer.open_window(adapter_name, config.prune_criterion == "sensitivity", self._grow_pruned(config))
-
-    @staticmethod
-    def _grow_pruned(config) -> bool:
-        # With an N:M pattern too: a re-activation is paid for inside its group (nm_evolution.py). grow_pruned=False
-        # with a pattern is the paper's frozen-topology N:M mode (growth into active weights only).
-        return config.grow_pruned
+                replaced = drop_count(values.numel(), self.rate_at(adapter_name, next_round))
+                num_grow = math.ceil(config.candidate_factor * replaced)
+                num_prune = num_grow if config.prune_criterion == "sensitivity" else 0
+                layer.open_window(adapter_name, num_grow, num_prune, config.grow_pruned)
 
     def _run_round(self, name: str, layers: list[SEFTLayer], step: int, optimizer: torch.optim.Optimizer) -> None:
         if not self.round_due(name, step):
@@ -174,7 +178,7 @@ class Evolution:
         total, skipped = RoundCounts(), 0
         for layer in layers:
             old_indices = layer.seft_indices[name].clone()
-            outcome = layer.evolve_adapter(name, rate, config.prune_criterion, self._grow_pruned(config))
+            outcome = layer.evolve_adapter(name, rate, config)
             outcome = _take_rank0_outcome(layer, name, outcome)
             if outcome is None:
                 skipped += 1
@@ -185,13 +189,13 @@ class Evolution:
             if config.seed_optimizer_state:
                 positions = layer.seft_indices[name][changed].long()
                 if window is not None:
-                    seed = window.grow.lookup(positions)
+                    seed = window.optimizer_seed(positions)
                 else:  # rank 0 ran this layer's round, this rank had no window: rank 0's seeds arrive below
                     seed = tuple(torch.zeros(positions.numel(), device=positions.device) for _ in range(2))
                 seed = _broadcast_tensors(*seed)  # from the local window: take rank 0's, like the positions
             reset_optimizer_state(optimizer, layer.seft_values[name], changed, seed)
             total = total + counts
-        active, budget = self.active_count(name, layers)
+        active, budget = self.active_count(name, [layer for layer in self.layers() if name in layer.seft_values])
         report = RoundReport(step, name, rate, total, active, budget, skipped)
         self.reports.append(report)
         if skipped:
@@ -272,8 +276,10 @@ def reset_optimizer_state(
 ) -> None:
     """Zero every per-element optimizer state of ``param`` at the changed slots, for any torch optimizer.
 
-    ``seed`` (SpIEL's option): the mean signed and mean absolute window gradient of the changed slots. Adam's
-    moments are then set to those values times (1 - beta^t), so that its bias correction yields exactly them.
+    ``seed`` (Adam family only): the mean and the mean square of the window's optimizer-step gradients at the changed
+    slots. Adam's moments are set to them times (1 - beta^t): its bias correction at the next step then yields exactly
+    them, so a grown entry's first update has the size of an established entry's with the same gradients, at any
+    global step t (zeroed moments would make it about 0.5x early in training and 3x late).
     """
     state = optimizer.state.get(param)
     if not state or not changed.any():
@@ -286,6 +292,6 @@ def reset_optimizer_state(
             group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
             beta1, beta2 = group["betas"]
             step = float(state["step"]) if "step" in state else 1.0
-            mean_signed, mean_abs = seed
-            state["exp_avg"][changed] = (mean_signed * (1 - beta1**step)).to(state["exp_avg"])
-            state["exp_avg_sq"][changed] = (mean_abs.pow(2) * (1 - beta2**step)).to(state["exp_avg_sq"])
+            mean, mean_square = seed
+            state["exp_avg"][changed] = (mean * (1 - beta1**step)).to(state["exp_avg"])
+            state["exp_avg_sq"][changed] = (mean_square * (1 - beta2**step)).to(state["exp_avg_sq"])

@@ -1,15 +1,22 @@
-"""Gradient statistics of one layer over the selection window, in O(K) memory.
+"""Exact gradient statistics of one layer over the selection window, in O(K) memory.
 
-Each backward inside the window hands over the dense weight gradient G of one layer (it is freed right
-after). It is reduced at once to running candidate sets of fixed capacity:
+The statistics are those of optimizer-step gradients: each micro-batch's gradient is added to a step accumulator,
+and :meth:`GradientWindow.end_step` folds the step into the window sums (signed sum, sum of absolute values, sum of
+squares). Rounds rank by these exact sums, never by a single reading.
 
-- growth: the positions outside T with the largest mean |G| (and their mean signed G, to seed Adam);
-- pruning: the frozen active positions with the smallest mean sensitivity |W * G|;
-- restoring: the mean |W0 * G| at the positions of P (P is fixed during a window);
-- Wanda: the per-input-column sum of squared inputs (size ``in``).
+Which positions are tracked is decided once, on the window's first micro-batch, from that micro-batch's dense weight
+gradient G (formed one layer at a time inside backward and freed right after), as SpIEL does:
 
-A candidate's mean is exact over the window steps since it entered the set; newcomers are ranked by
-their mean over the steps they were seen in. Nothing weight-sized survives between steps.
+- the K trainable positions T (their gradient is the value gradient, computed on every step anyway);
+- growth candidates: the ``num_grow`` positions outside T with the largest |G| (only currently active positions
+  when ``grow_pruned`` is False);
+- prune candidates (sensitivity criterion only): the ``num_prune`` frozen active positions (non-zero, not in T) with
+  the smallest |W * G|;
+- the positions of P (SEFT's pruned positions), whose restore scores need their gradient.
+
+On every later micro-batch the gradient is computed at the tracked positions only, with the same sampled product
+as the value gradient. Per-input-column sums of squared inputs are kept for the Wanda criterion. Nothing
+weight-sized survives a backward.
 """
 
 from __future__ import annotations
@@ -19,133 +26,191 @@ import torch
 from .evolution import Candidates
 
 
-class RunningCandidates:
-    """A fixed-capacity set of positions with running sums, keeping the largest (or smallest) means."""
-
-    def __init__(self, capacity: int, largest: bool, device: torch.device) -> None:
-        self.capacity, self.largest = capacity, largest
-        self.positions = torch.empty(0, dtype=torch.long, device=device)
-        self.sums = torch.empty(0, device=device)
-        self.signed_sums = torch.empty(0, device=device)
-        self.counts = torch.empty(0, device=device)
-
-    def update(self, scores: torch.Tensor, excluded: torch.Tensor, signed: torch.Tensor | None = None) -> None:
-        """Add one step. ``scores`` is a flat fp32 tensor this call may overwrite; ``excluded`` a flat bool mask."""
-        self.sums += scores[self.positions]
-        self.counts += 1
-        if signed is not None:
-            self.signed_sums += signed[self.positions]
-        blocked = float("-inf") if self.largest else float("inf")
-        scores.masked_fill_(excluded, blocked)
-        scores[self.positions] = blocked
-        k = min(self.capacity, scores.numel())
-        new_scores, new_positions = torch.topk(scores, k, largest=self.largest, sorted=False)
-        keep = torch.isfinite(new_scores)
-        new_positions, new_scores = new_positions[keep], new_scores[keep]
-        new_signed = signed[new_positions] if signed is not None else torch.zeros_like(new_scores)
-        positions = torch.cat([self.positions, new_positions])
-        sums = torch.cat([self.sums, new_scores])
-        signed_sums = torch.cat([self.signed_sums, new_signed])
-        counts = torch.cat([self.counts, torch.ones_like(new_scores)])
-        order = torch.argsort(sums / counts, descending=self.largest, stable=True)[: self.capacity]
-        self.positions, self.sums, self.signed_sums, self.counts = (
-            positions[order],
-            sums[order],
-            signed_sums[order],
-            counts[order],
-        )
-
-    def candidates(self) -> Candidates:
-        return Candidates(self.positions, self.sums / self.counts.clamp_min(1))
-
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean signed and mean absolute score at ``positions`` (0 where a position is not a member)."""
-        zeros = torch.zeros(positions.numel(), device=positions.device)
-        if self.positions.numel() == 0:
-            return zeros, zeros.clone()
-        order = torch.argsort(self.positions)
-        members = self.positions[order]
-        slot = torch.searchsorted(members, positions).clamp_max(members.numel() - 1)
-        found = members[slot] == positions
-        counts = self.counts[order][slot]
-        mean_signed = torch.where(found, self.signed_sums[order][slot] / counts, zeros)
-        mean_abs = torch.where(found, self.sums[order][slot] / counts, zeros)
-        return mean_signed, mean_abs
-
-
 class GradientWindow:
-    """What one adapter of one layer remembers of the gradients in the current selection window."""
+    """What one adapter of one layer gathers of the gradients in the current selection window.
+
+    Tracked positions are ``trainable`` (K, in slot order) followed by ``candidates`` (C, sorted, unique); every
+    statistic is a (K + C,) tensor in that order.
+    """
 
     def __init__(
-        self, capacity: int, in_features: int, track_sensitivity: bool, grow_pruned: bool, device: torch.device
+        self,
+        trainable: torch.Tensor,
+        num_grow: int,
+        num_prune: int,
+        grow_pruned: bool,
+        in_features: int,
     ) -> None:
-        self.grow_pruned = grow_pruned
-        self.grow = RunningCandidates(capacity, largest=True, device=device)
-        self.prune = RunningCandidates(capacity, largest=False, device=device) if track_sensitivity else None
-        self.restore_sums = torch.zeros(capacity, device=device)
+        device = trainable.device
+        self.trainable = trainable.long().clone()
+        self.num_grow, self.num_prune, self.grow_pruned = num_grow, num_prune, grow_pruned
+        self.candidates = torch.empty(0, dtype=torch.long, device=device)
+        self.is_grow = torch.empty(0, dtype=torch.bool, device=device)
+        self.is_prune = torch.empty(0, dtype=torch.bool, device=device)
+        self.weight_abs = torch.empty(0, device=device)  # |W| at the candidates (constant during a window)
+        self.selected = False
         self.column_sq_sums = torch.zeros(in_features, device=device)
+        self._allocate()
         self.steps = 0
         self.finite = True
 
-    def update(
-        self,
-        grad: torch.Tensor,
-        inputs: torch.Tensor,
-        weight: torch.Tensor,
-        trainable: torch.Tensor,
-        pruned_slots: torch.Tensor,
-        base_at_pruned: torch.Tensor,
+    def _allocate(self) -> None:
+        size = self.trainable.numel() + self.candidates.numel()
+        device = self.trainable.device
+        self.step_sum, self.sums, self.abs_sums, self.sq_sums = (torch.zeros(size, device=device) for _ in range(4))
+        self.step_micro_batches = 0
+
+    # ---- gathering ---------------------------------------------------------------------------------------
+
+    def select(self, grad: torch.Tensor, weight: torch.Tensor, pruned: torch.Tensor) -> None:
+        """Choose the candidates from the first micro-batch's dense gradient ``grad`` (out, in) fp32, with the
+        effective weight ``weight`` (out, in) and the positions ``pruned`` of P."""
+        flat_grad, flat_weight = grad.reshape(-1), weight.reshape(-1)
+        in_trainable = torch.zeros(flat_grad.numel(), dtype=torch.bool, device=grad.device)
+        in_trainable[self.trainable] = True
+        inactive = flat_weight == 0
+
+        score = flat_grad.abs()
+        score.masked_fill_(in_trainable if self.grow_pruned else in_trainable | inactive, -1.0)
+        grow = _top(score, self.num_grow, largest=True)
+        prune = torch.empty(0, dtype=torch.long, device=grad.device)
+        if self.num_prune:
+            score = (flat_weight.float() * flat_grad).abs_().masked_fill_(in_trainable | inactive, float("inf"))
+            prune = _top(score, self.num_prune, largest=False)
+        self.candidates = torch.cat([grow, prune, pruned.long()]).unique()
+        self.is_grow = torch.isin(self.candidates, grow)
+        self.is_prune = torch.isin(self.candidates, prune)
+        self.weight_abs = flat_weight[self.candidates].float().abs()
+        self.selected = True
+        self._allocate()
+
+    def add_micro_batch(
+        self, trainable_grad: torch.Tensor, candidate_grad: torch.Tensor, inputs: torch.Tensor | None = None
     ) -> None:
-        """``grad`` and ``weight`` (out, in), the effective weight; ``inputs`` (N, in); ``trainable`` the
-        positions of T; ``pruned_slots`` the P buffer (-1 = empty) and ``base_at_pruned`` W0 there."""
-        if not torch.isfinite(grad).all():
+        """One micro-batch: the gradient at T (K,) and at the candidates (C,); ``inputs`` (N, in) for Wanda."""
+        if not (torch.isfinite(trainable_grad).all() and torch.isfinite(candidate_grad).all()):
             self.finite = False
             return
-        self.steps += 1
-        flat_grad = grad.reshape(-1)
-        flat_weight = weight.reshape(-1)
-        inactive = flat_weight == 0
-        in_trainable = torch.zeros_like(inactive)
-        in_trainable[trainable.long()] = True
+        self.step_sum += torch.cat([trainable_grad.float(), candidate_grad.float()])
+        self.step_micro_batches += 1
+        if inputs is not None:
+            self.column_sq_sums += inputs.float().pow(2).sum(0)
 
-        used = pruned_slots >= 0
-        self.restore_sums[used] += (base_at_pruned[used].float() * flat_grad[pruned_slots[used].long()]).abs()
-        self.column_sq_sums += inputs.float().pow(2).sum(0)
-        if self.prune is not None:
-            sensitivity = (flat_weight.float() * flat_grad).abs_()
-            self.prune.update(sensitivity, inactive | in_trainable)
-        grow_excluded = in_trainable if self.grow_pruned else in_trainable | inactive
-        self.grow.update(flat_grad.abs(), grow_excluded, signed=flat_grad)
+    def end_step(self, optimizer_grad: torch.Tensor | None) -> None:
+        """Fold the finished optimizer step into the window sums.
+
+        ``optimizer_grad`` is the trainable values' gradient as the optimizer saw it (after accumulation, gradient
+        clipping or loss-scale unscaling): the step's sums are rescaled by its norm over the norm of the accumulated
+        gradient at T, so that every statistic is one of the optimizer-step gradient (clipping and unscaling are a
+        single factor per step)."""
+        if not self.step_micro_batches:
+            return
+        step = self.step_sum
+        raw_norm = step[: self.trainable.numel()].norm()
+        if optimizer_grad is not None and raw_norm > 0:
+            step = step * (optimizer_grad.detach().float().norm() / raw_norm)
+        self.sums += step
+        self.abs_sums += step.abs()
+        self.sq_sums += step.pow(2)
+        self.step_sum = torch.zeros_like(step)
+        self.step_micro_batches = 0
+        self.steps += 1
+
+    # ---- statistics for the round ------------------------------------------------------------------------
+
+    def _statistic(self, kind: str) -> torch.Tensor:
+        if kind == "abs_sum":
+            return self.sums.abs()
+        if kind == "mean_abs":
+            return self.abs_sums / max(self.steps, 1)
+        raise ValueError(f"Unknown window statistic {kind!r}; use 'abs_sum' or 'mean_abs'.")
+
+    def growth(self, kind: str) -> tuple[torch.Tensor, Candidates]:
+        """Growth scores of T (K,) and of the growth candidates."""
+        score = self._statistic(kind)
+        k = self.trainable.numel()
+        return score[:k], Candidates(self.candidates[self.is_grow], score[k:][self.is_grow])
+
+    def sensitivity(self, kind: str) -> Candidates:
+        """The prune candidates with their sensitivity |W| * statistic (W is frozen there during the window)."""
+        score = self._statistic(kind)[self.trainable.numel() :] * self.weight_abs
+        return Candidates(self.candidates[self.is_prune], score[self.is_prune])
+
+    def at(self, positions: torch.Tensor, kind: str) -> torch.Tensor:
+        """The statistic at candidate ``positions`` (0 where a position is not a candidate)."""
+        return self._lookup(positions, self._statistic(kind)[self.trainable.numel() :])
+
+    def optimizer_seed(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and mean square of the optimizer-step gradient at candidate ``positions`` over the window."""
+        k, steps = self.trainable.numel(), max(self.steps, 1)
+        return (self._lookup(positions, self.sums[k:] / steps), self._lookup(positions, self.sq_sums[k:] / steps))
+
+    def _lookup(self, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        positions = positions.long()
+        if not self.candidates.numel():
+            return torch.zeros(positions.numel(), device=positions.device)
+        slot = torch.searchsorted(self.candidates, positions).clamp_max(self.candidates.numel() - 1)
+        return torch.where(self.candidates[slot] == positions, values[slot], torch.zeros_like(values[slot]))
 
     # ---- checkpointing: a window open at save time is saved with the adapter and restored on load ----------
 
-    _CANDIDATE_FIELDS = ("positions", "sums", "signed_sums", "counts")
+    _TENSORS = ("trainable", "candidates", "is_grow", "is_prune", "weight_abs", "column_sq_sums")
+    _SUMS = ("sums", "abs_sums", "sq_sums")  # checkpoints are taken between optimizer steps: step_sum is empty
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The window's statistics as plain tensors (all O(K) or O(in)), so that a run resumed from a checkpoint
         saved inside a window continues exactly."""
-        meta = [self.steps, int(self.finite), int(self.prune is not None), int(self.grow_pruned), self.grow.capacity]
-        state = {
-            "meta": torch.tensor(meta, dtype=torch.int64),
-            "restore_sums": self.restore_sums,
-            "column_sq_sums": self.column_sq_sums,
-        }
-        for prefix, candidates in (("grow", self.grow), ("prune", self.prune)):
-            if candidates is not None:
-                state.update({f"{prefix}_{field}": getattr(candidates, field) for field in self._CANDIDATE_FIELDS})
+        meta = [self.steps, int(self.finite), int(self.selected), int(self.grow_pruned), self.num_grow, self.num_prune]
+        state = {"meta": torch.tensor(meta, dtype=torch.int64)}
+        state.update({name: getattr(self, name) for name in self._TENSORS + self._SUMS})
         return {key: value.detach().clone().contiguous() for key, value in state.items()}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device) -> GradientWindow:
-        steps, finite, track_sensitivity, grow_pruned, capacity = (int(v) for v in state["meta"].tolist())
-        in_features = state["column_sq_sums"].numel()
-        window = cls(capacity, in_features, bool(track_sensitivity), bool(grow_pruned), device)
-        window.steps, window.finite = steps, bool(finite)
-        window.restore_sums = state["restore_sums"].to(device=device, dtype=torch.float32)
-        window.column_sq_sums = state["column_sq_sums"].to(device=device, dtype=torch.float32)
-        for prefix, candidates in (("grow", window.grow), ("prune", window.prune)):
-            if candidates is not None:
-                for field in cls._CANDIDATE_FIELDS:
-                    value = state[f"{prefix}_{field}"].to(device)
-                    setattr(candidates, field, value.long() if field == "positions" else value.float())
+    def from_state_dict(
+        cls, state: dict[str, torch.Tensor], trainable: torch.Tensor, weight_numel: int, device: torch.device
+    ) -> GradientWindow:
+        """Rebuild a saved window; raises ValueError (what is wrong) when the entries do not describe a window of
+        this layer: ``trainable`` its current positions T, ``weight_numel`` its weight size."""
+        missing = sorted({"meta", *cls._TENSORS, *cls._SUMS} - set(state))
+        if missing:
+            raise ValueError(f"window entries {missing} are missing")
+        meta = state["meta"]
+        if meta.dtype != torch.int64 or meta.shape != (6,):
+            raise ValueError("window entry 'meta' is not six int64 values")
+        steps, finite, selected, grow_pruned, num_grow, num_prune = (int(v) for v in meta.tolist())
+        if steps < 0 or min(num_grow, num_prune) < 0 or max(num_grow, num_prune) > weight_numel:
+            raise ValueError(f"window entry 'meta' holds impossible values {meta.tolist()}")
+        if not torch.equal(state["trainable"].long().cpu(), trainable.long().cpu()):
+            raise ValueError("window entry 'trainable' differs from the adapter's trainable positions")
+        candidates = state["candidates"]
+        num = candidates.numel()
+        if candidates.dtype != torch.int64 or candidates.dim() != 1 or num > num_grow + num_prune + trainable.numel():
+            raise ValueError(f"window entry 'candidates' has dtype {candidates.dtype}, shape {tuple(candidates.shape)}")
+        if num and (candidates.min() < 0 or candidates.max() >= weight_numel or (candidates.diff() <= 0).any()):
+            raise ValueError("window entry 'candidates' is not sorted unique positions inside the weight")
+        expected = {"is_grow": num, "is_prune": num, "weight_abs": num}
+        expected.update({name: trainable.numel() + num for name in cls._SUMS})
+        for name, size in expected.items():
+            if state[name].shape != (size,):
+                raise ValueError(f"window entry {name!r} has shape {tuple(state[name].shape)}, expected ({size},)")
+        for name in ("weight_abs", "column_sq_sums", *cls._SUMS):
+            if not state[name].is_floating_point() or not torch.isfinite(state[name]).all():
+                raise ValueError(f"window entry {name!r} is not a finite floating-point tensor")
+        window = cls(trainable.to(device), num_grow, num_prune, bool(grow_pruned), state["column_sq_sums"].numel())
+        window.steps, window.finite, window.selected = steps, bool(finite), bool(selected)
+        window.candidates = candidates.to(device)
+        window._allocate()
+        for name in ("is_grow", "is_prune"):
+            setattr(window, name, state[name].to(device=device, dtype=torch.bool))
+        for name in ("weight_abs", "column_sq_sums", *cls._SUMS):
+            setattr(window, name, state[name].to(device=device, dtype=torch.float32))
         return window
+
+
+def _top(scores: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
+    """Positions of the ``count`` largest (smallest) scores, leaving out those masked with -1 (inf)."""
+    count = min(count, scores.numel())
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    best, positions = torch.topk(scores, count, largest=largest, sorted=False)
+    return positions[best >= 0] if largest else positions[torch.isfinite(best)]

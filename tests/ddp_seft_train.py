@@ -49,10 +49,11 @@ def inject_nonfinite_gradients(model, rank: int) -> None:
     target = seft_layers(model)[NONFINITE_LAYERS[rank]]
     collect = SEFTLayer._collect_gradient
 
-    def collect_with_inf(self, grad_out, inputs):
+    def collect_with_inf(self, adapter_names, grad_out, inputs, value_grads):
         if self is target and int(self.seft_step["default"]) < UPDATE_INTERVAL:
             grad_out = grad_out * float("inf")
-        return collect(self, grad_out, inputs)
+            value_grads = [grad * float("inf") for grad in value_grads]
+        return collect(self, adapter_names, grad_out, inputs, value_grads)
 
     SEFTLayer._collect_gradient = collect_with_inf
 

@@ -32,6 +32,9 @@ def test_every_field_has_help():
         ({"pattern": "4:2"}, "0 < N < M"),
         ({"pattern": "2-4"}, "like '2:4'"),
         ({"grow_pruned": "yes"}, "True or False"),
+        ({"growth_statistic": "max"}, "abs_sum"),
+        ({"sensitivity_statistic": "sum"}, "mean_abs"),
+        ({"candidate_factor": 0.5}, ">= 1"),
     ],
 )
 def test_invalid_values_fail_at_construction(kwargs, allowed):
@@ -46,3 +49,10 @@ def test_round_trip_through_dict(tmp_path):
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, SEFTConfig)
     assert loaded.target_modules == {"q_proj", "v_proj"} and loaded.pattern == "2:4" and loaded.total_steps == 100
+
+
+def test_nm_pattern_keeps_the_papers_frozen_topology_unless_asked():
+    assert SEFTConfig().grow_pruned is True
+    assert SEFTConfig(pattern="2:4").grow_pruned is False  # the paper's N:M mode
+    assert SEFTConfig(pattern="2:4", grow_pruned=True).grow_pruned is True  # our in-group re-activation
+    assert SEFTConfig(grow_pruned=False).grow_pruned is False

@@ -11,9 +11,25 @@ from hypothesis import strategies as st
 from peft import get_peft_model
 
 from peft_seft import SEFTConfig, SEFTLinear
-from peft_seft.evolution import Candidates, drop_rate, evolve, structural_active_count
+from peft_seft.evolution import Candidates, drop_count, drop_rate, evolve, structural_active_count
 from peft_seft.sparsity import logical_weight
 from peft_seft.training import reset_optimizer_state
+
+
+def window_round(layer: SEFTLinear, rate: float, config: SEFTConfig, steps: int = 2, micro_batches: int = 1):
+    """Open a window sized for a round of ``rate``, run ``steps`` optimizer steps of random output gradients through
+    the layer's own backward, then the round; returns what ``evolve_adapter`` returns."""
+    values = layer.seft_values["default"]
+    num_grow = math.ceil(config.candidate_factor * drop_count(values.numel(), rate))
+    num_prune = num_grow if config.prune_criterion == "sensitivity" else 0
+    layer.open_window("default", num_grow, num_prune, config.grow_pruned)
+    for _ in range(steps):
+        for _ in range(micro_batches):
+            x = torch.randn(5, layer.in_features)
+            layer(x).backward(torch.randn(5, layer.out_features))  # writes W in place and collects, as in training
+        layer.end_window_step("default")
+        values.grad = None
+    return layer.evolve_adapter("default", rate, config)
 
 
 def check_invariants(layer: SEFTLinear, name: str = "default") -> None:
@@ -53,13 +69,9 @@ def test_random_rounds_keep_every_invariant(
     layer = SEFTLinear(base, "default", SEFTConfig(init_weights=False), num_trainable=budget)
     budget = layer.seft_values["default"].numel()  # at most the layer's non-zero count
     check_invariants(layer)
+    config = SEFTConfig(prune_criterion=criterion, grow_pruned=grow_pruned)
     for rate in rates:
-        layer.open_window("default", track_sensitivity=criterion == "sensitivity", grow_pruned=grow_pruned)
-        for _ in range(2):
-            x = torch.randn(5, in_features)
-            layer(x)  # writes W in place, as during training
-            layer._collect_gradient(torch.randn(5, out_features), x)
-        outcome = layer.evolve_adapter("default", rate, criterion, grow_pruned)
+        outcome = window_round(layer, rate, config)
         with torch.no_grad():
             layer.seft_values["default"].add_(torch.randn(budget) * 0.1)
         check_invariants(layer)
@@ -86,6 +98,46 @@ def test_evolve_grows_the_largest_gradients_and_prunes_the_least_sensitive():
     assert result.pruned.tolist() == [7]  # paid for by the least sensitive frozen weight
     assert result.changed_slots.tolist() == [True, False]
     assert (result.counts.reactivated, result.counts.repruned) == (1, 1)
+
+
+def keep_round(trainable_scores: list[float], num_drop: int):
+    """T = {4, 5} with |delta| 0.1 and 0.9 (slot 0 is dropped first); candidates 6 and 7 score 1.0 and 3.0."""
+    return evolve(
+        indices=torch.tensor([4, 5]),
+        values=torch.tensor([0.1, 0.9]),
+        pruned=torch.tensor([], dtype=torch.long),
+        zero_in_base=torch.tensor([False, False]),
+        grow=Candidates(torch.tensor([6, 7]), torch.tensor([1.0, 3.0])),
+        grow_inactive=torch.tensor([False, False]),
+        prune=Candidates.empty(),
+        restore_scores=torch.tensor([]),
+        num_drop=num_drop,
+        trainable_scores=torch.tensor(trainable_scores),
+    )
+
+
+def test_a_dropped_entry_that_would_be_regrown_keeps_its_slot_and_value():
+    kept = keep_round([5.0, 0.2], num_drop=1)  # slot 0's own gradient beats every candidate: it stays
+    assert kept.indices.tolist() == [4, 5] and not kept.changed_slots.any() and kept.counts.dropped == 0
+    replaced = keep_round([0.5, 0.2], num_drop=1)
+    assert replaced.indices.tolist() == [7, 5] and replaced.changed_slots.tolist() == [True, False]
+    # Full re-selection (every slot due): the best two of T and the candidates by score, T's keep their values.
+    full = keep_round([5.0, 0.2], num_drop=2)
+    assert sorted(full.indices.tolist()) == [4, 7] and full.changed_slots.tolist() == [False, True]
+
+
+def test_full_reselection_keeps_the_values_of_reselected_entries():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 16)
+    layer = SEFTLinear(base, "default", SEFTConfig(init_weights=False), num_trainable=40)
+    values = layer.seft_values["default"]
+    before_positions, before_values = layer.seft_indices["default"].clone(), values.detach().clone()
+    outcome = window_round(layer, 1.0, SEFTConfig(full_reselection_first=True), steps=3)
+    changed = outcome[1]
+    assert 0 < int(changed.sum()) < values.numel()  # some re-selected, some replaced
+    assert torch.equal(layer.seft_indices["default"][~changed], before_positions[~changed])
+    assert torch.equal(values.detach()[~changed], before_values[~changed])
+    assert not values.detach()[changed].any()
 
 
 def test_dropping_a_reactivated_weight_restores_the_most_important_pruned_one():
@@ -162,7 +214,7 @@ def test_adam_moments_can_be_seeded_with_bias_counter_correction():
     param.grad = torch.ones(3)
     optimizer.step()
     changed = torch.tensor([False, True, False])
-    reset_optimizer_state(optimizer, param, changed, seed=(torch.tensor([-2.0]), torch.tensor([3.0])))
+    reset_optimizer_state(optimizer, param, changed, seed=(torch.tensor([-2.0]), torch.tensor([9.0])))
     state = optimizer.state[param]
     step = float(state["step"])
     assert state["exp_avg"][1] / (1 - 0.9**step) == pytest.approx(-2.0)

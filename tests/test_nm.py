@@ -17,7 +17,7 @@ from peft_seft.nm_evolution import evolve_nm, nm_group_of, nm_group_positions
 from peft_seft.sparsity import logical_weight, nm_group_counts, parse_nm_pattern
 from peft_seft.targets import find_target_linears
 from tests.conftest import VOCAB, tiny_llama
-from tests.test_evolution import train_student
+from tests.test_evolution import train_student, window_round
 
 PATTERNS = ["1:2", "2:4", "4:8", "1:4"]
 
@@ -259,13 +259,9 @@ def test_random_layer_rounds_keep_the_pattern(
     layer = SEFTLinear(base, "default", SEFTConfig(init_weights=False, pattern=pattern), num_trainable=budget)
     budget = layer.seft_values["default"].numel()
     check_layer(layer, pattern)
+    config = SEFTConfig(pattern=pattern, prune_criterion=criterion, grow_pruned=grow_pruned)
     for rate in rates:
-        layer.open_window("default", track_sensitivity=criterion == "sensitivity", grow_pruned=grow_pruned)
-        for _ in range(2):
-            x = torch.randn(5, in_features)
-            layer(x)
-            layer._collect_gradient(torch.randn(5, out_features), x)
-        counts = layer.evolve_adapter("default", rate, criterion, grow_pruned)[0]
+        counts = window_round(layer, rate, config)[0]
         with torch.no_grad():
             layer.seft_values["default"].add_(torch.randn(budget))
         check_layer(layer, pattern)
@@ -296,7 +292,13 @@ def test_training_a_2_4_llama_keeps_2_4_through_merge_and_export():
     model = nm_prune_(tiny_llama(sparsity=0.0), "2:4")
     before = {name: int(torch.count_nonzero(logical_weight(m))) for name, m in find_target_linears(model).items()}
     config = SEFTConfig(
-        pattern="2:4", density=0.05, update_interval=3, selection_steps=2, total_steps=12, initial_drop_rate=0.5
+        pattern="2:4",
+        grow_pruned=True,  # in-group re-activation (our extension; the default with a pattern is frozen topology)
+        density=0.05,
+        update_interval=3,
+        selection_steps=2,
+        total_steps=12,
+        initial_drop_rate=0.5,
     )
     peft_model = get_peft_model(model, config)
     optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=0.02)

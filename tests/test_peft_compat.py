@@ -73,7 +73,7 @@ def test_pickle_and_deepcopy_bind_the_evolution_to_the_copy():
         assert torch.allclose(clone(x), expected)
         evolution = clone.base_model.evolution
         assert evolution._tuner() is clone.base_model
-        assert evolution.trained_adapters(torch.optim.SGD(clone.parameters(), lr=0.1)) == ["default"]
+        assert list(evolution.trained_layers(torch.optim.SGD(clone.parameters(), lr=0.1))) == ["default"]
 
 
 def test_unloaded_model_keeps_no_seft_hook_and_pickles():

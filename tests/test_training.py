@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 from peft import get_peft_model
 
@@ -22,7 +23,8 @@ class TwoLayers(torch.nn.Module):
             self.second.weight.zero_()  # a layer with no non-zero weight: its budget is 0 and cannot move
 
     def forward(self, x):
-        return self.second(torch.relu(self.first(x)))
+        hidden = torch.relu(self.first(x))
+        return self.second(hidden) + hidden[:, :4]  # the first layer gets gradients past the all-zero second one
 
 
 def test_nan_gradients_skip_the_round_and_zero_budget_layers_are_no_ops(caplog):
@@ -55,3 +57,80 @@ def test_nan_gradients_skip_the_round_and_zero_budget_layers_are_no_ops(caplog):
     assert reports[8].active == reports[8].budget
     for layer in layers.values():
         check_invariants(layer)
+
+
+def first_update_ratio(round_step: int, micro_batches: int, seed_optimizer_state: bool = True) -> float:
+    """Median |first update| of the entries grown at ``round_step`` over the median |update| of established entries
+    in the same AdamW step. A fixed batch and a tiny learning rate keep every entry's gradient constant, so an
+    established entry's update is lr * m/sqrt(v) with converged moments. The steps before the window only step the
+    optimizer with that fixed gradient (the model would produce the same one), which keeps a 5000-step run short."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with torch.no_grad():
+        net[0].weight[torch.rand_like(net[0].weight) < 0.5] = 0
+    config = SEFTConfig(
+        target_modules=["0", "2"],
+        density=0.1,
+        update_interval=round_step,
+        selection_steps=5,
+        total_steps=2 * round_step,
+        seed_optimizer_state=seed_optimizer_state,
+    )
+    model = get_peft_model(net, config)
+    layers = model.base_model.evolution.layers()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.0)
+    x, y = torch.randn(64, 32), torch.randn(64, 8)
+
+    def step() -> None:
+        for inputs, targets in zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True):
+            ((model(inputs) - targets).pow(2).mean() / micro_batches).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(round_step - 6):  # steps 1 .. round_step - 6: the gradient of the fixed batch, computed once
+        if any(layer.seft_values["default"].grad is None for layer in layers):
+            (model(x) - y).pow(2).mean().backward()
+        optimizer.step()
+    assert int(optimizer.state[layers[0].seft_values["default"]]["step"]) == round_step - 6
+    optimizer.zero_grad()
+    for _ in range(5):  # up to the window and its first four steps
+        step()
+    before = [layer.seft_indices["default"].clone() for layer in layers]
+    step()  # the last window step and the round
+    grown = [layer.seft_indices["default"] != old for layer, old in zip(layers, before, strict=True)]
+    values = [layer.seft_values["default"].detach().clone() for layer in layers]
+    step()
+    updates = [(layer.seft_values["default"].detach() - old).abs() for layer, old in zip(layers, values, strict=True)]
+    new = torch.cat([update[mask] for update, mask in zip(updates, grown, strict=True)])
+    established = torch.cat([update[~mask] for update, mask in zip(updates, grown, strict=True)])
+    assert new.numel() > 0 and int(model.base_model.evolution.reports[-1].step) == round_step
+    return float(new.median() / established.median())
+
+
+@pytest.mark.parametrize("round_step", [10, 5000])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_first_update_of_a_grown_entry_has_an_established_entrys_size(round_step, micro_batches):
+    assert 0.5 <= first_update_ratio(round_step, micro_batches) <= 2.0
+    if round_step == 5000 and micro_batches == 1:  # zeroed moments: about 3x (and 0.48x at step 10)
+        assert first_update_ratio(round_step, micro_batches, seed_optimizer_state=False) > 2.5
+
+
+def test_only_trainable_values_evolve():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 12), torch.nn.ReLU(), torch.nn.Linear(12, 4))
+    config = SEFTConfig(target_modules=["0", "2"], density=0.3, update_interval=2, selection_steps=1, total_steps=20)
+    model = get_peft_model(net, config)
+    frozen, trained = model.base_model.model[0], model.base_model.model[2]
+    # The optimizer holds both layers' values, as one built before the freeze would.
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    frozen.seft_values["default"].requires_grad_(False)
+    positions, values = frozen.seft_indices["default"].clone(), frozen.seft_values["default"].detach().clone()
+    trained_positions = trained.seft_indices["default"].clone()
+    for _ in range(10):
+        model(torch.randn(8, 12)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not frozen._windows
+    assert torch.equal(frozen.seft_indices["default"], positions)
+    assert torch.equal(frozen.seft_values["default"], values)
+    assert not torch.equal(trained.seft_indices["default"], trained_positions)  # the trainable layer evolved

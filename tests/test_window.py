@@ -1,42 +1,159 @@
-"""The O(K) gradient window: exact running means for members, bounded capacity, exclusions."""
+"""The gradient window: exact sums of optimizer-step gradients at the tracked positions, the counterexamples that
+ranking by single readings got wrong, candidate choice, checkpoint entries and their validation."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from peft import get_peft_model
 
-from peft_seft.window import GradientWindow, RunningCandidates
-
-
-def test_running_candidates_keep_exact_means_of_members():
-    top = RunningCandidates(capacity=3, largest=True, device=torch.device("cpu"))
-    steps = [torch.tensor([5.0, 1.0, 4.0, 0.0, 3.0, 2.0]), torch.tensor([3.0, 0.0, 6.0, 0.0, 3.0, 9.0])]
-    for scores in steps:
-        top.update(scores.clone(), excluded=torch.tensor([False, False, False, True, False, False]))
-    candidates = top.candidates()
-    means = dict(zip(candidates.positions.tolist(), candidates.scores.tolist(), strict=True))
-    assert len(means) == 3
-    assert means[0] == 4.0 and means[2] == 5.0  # members since step 1: exact means over both steps
-    assert means[5] == 9.0  # entered at step 2: mean over the step it was seen in
-    signed, absolute = top.lookup(torch.tensor([2, 3]))
-    assert absolute.tolist() == [5.0, 0.0]
+from peft_seft import SEFTConfig, SEFTLayer
+from peft_seft.window import GradientWindow
+from tests.conftest import VOCAB, tiny_llama
 
 
-def test_window_excludes_trainable_and_inactive_positions():
+def feed(window: GradientWindow, steps: list[torch.Tensor], weight: torch.Tensor) -> None:
+    """Run a window over optimizer steps whose dense gradients (out, in) are given (one micro-batch each), reading
+    them only where the layer would: everywhere on the first micro-batch, at T and the candidates afterwards."""
+    for number, grad in enumerate(steps):
+        if number == 0:
+            window.select(grad, weight, torch.empty(0, dtype=torch.long))
+        flat = grad.reshape(-1)
+        window.add_micro_batch(flat[window.trainable], flat[window.candidates])
+        window.end_step(None)
+
+
+def test_pruning_ranks_by_the_whole_window_not_one_reading():
+    # Position 1 reads |W*g| = 1.0, 1.0, 0.01 and position 2 reads 0.05 three times: 2 has the smaller window
+    # sensitivity and must be pruned first, whichever order the readings come in.
+    weight = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    for readings in ([1.0, 1.0, 0.01], [0.01, 1.0, 1.0]):
+        steps = [torch.tensor([[5.0, r, 0.05, 3.0]]) for r in readings]
+        window = GradientWindow(torch.tensor([0]), num_grow=0, num_prune=2, grow_pruned=True, in_features=4)
+        feed(window, steps, weight)
+        prune = window.sensitivity("abs_sum")
+        assert prune.positions[prune.scores.argmin()] == 2, readings
+        assert sorted(prune.scores.tolist())[0] == pytest.approx(0.15)
+
+
+def test_a_spike_does_not_displace_a_consistent_larger_sum():
+    # Position 1: 0.4 on each of 5 steps (sum 2.0); position 2: one spike of 0.95; position 3: noise that cancels.
+    weight = torch.ones(1, 4)
+    readings = [(0.4, 0.95, 0.9), (0.4, 0.0, -0.9), (0.4, 0.0, 0.9), (0.4, 0.0, -0.9), (0.4, 0.0, 0.0)]
+    steps = [torch.tensor([[0.0, a, b, c]]) for a, b, c in readings]
+    window = GradientWindow(torch.tensor([0]), num_grow=3, num_prune=0, grow_pruned=True, in_features=4)
+    feed(window, steps, weight)
+    _, grow = window.growth("abs_sum")
+    ranked = grow.positions[grow.scores.argsort(descending=True)].tolist()
+    assert ranked == [1, 2, 3]  # |sum g|: 2.0, 0.95, 0.0
+    _, grow = window.growth("mean_abs")  # the alternative statistic: noise that cancels leads there
+    mean_abs = dict(zip(grow.positions.tolist(), grow.scores.tolist(), strict=True))
+    assert mean_abs == pytest.approx({1: 0.4, 2: 0.19, 3: 0.72})
+
+
+def test_candidates_exclude_trainable_and_inactive_positions():
     weight = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 4.0]])
-    window = GradientWindow(capacity=2, in_features=3, track_sensitivity=True, grow_pruned=False, device="cpu")
     grad = torch.tensor([[9.0, 8.0, 1.0], [7.0, 0.5, 0.1]])
-    trainable = torch.tensor([0])
-    pruned = torch.tensor([-1, -1])
-    window.update(grad, torch.ones(4, 3), weight, trainable, pruned, torch.zeros(2))
-    grow = window.grow.candidates().positions.tolist()
-    assert 0 not in grow and 1 not in grow and 3 not in grow  # trainable, and zero weights without grow_pruned
-    prune = window.prune.candidates()
-    assert set(prune.positions.tolist()) <= {2, 4, 5} and prune.scores.min() == 0.4  # |W*G| = 2, 1.5, 0.4
-    assert window.column_sq_sums.tolist() == [4.0, 4.0, 4.0]
+    window = GradientWindow(torch.tensor([0]), num_grow=2, num_prune=2, grow_pruned=False, in_features=3)
+    window.select(grad, weight, torch.tensor([1]))
+    grow = window.candidates[window.is_grow].tolist()
+    assert grow == [2, 4]  # not trainable 0, not inactive 1 and 3 (grow_pruned=False)
+    prune = window.candidates[window.is_prune].tolist()
+    assert prune == [4, 5]  # the two smallest |W*G| among frozen active 2, 4, 5: 1.5 and 0.4
+    assert 1 in window.candidates.tolist()  # P is tracked for its restore score
+    window = GradientWindow(torch.tensor([0]), num_grow=2, num_prune=0, grow_pruned=True, in_features=3)
+    window.select(grad, weight, torch.tensor([1]))
+    assert window.candidates[window.is_grow].tolist() == [1, 3]  # 8.0 and 7.0: pruned positions may grow
 
 
 def test_non_finite_gradients_poison_the_window():
-    window = GradientWindow(capacity=2, in_features=2, track_sensitivity=True, grow_pruned=True, device="cpu")
-    grad = torch.tensor([[float("nan"), 1.0], [1.0, 1.0]])
-    window.update(grad, torch.ones(1, 2), torch.ones(2, 2), torch.tensor([0]), torch.tensor([-1, -1]), torch.zeros(2))
+    window = GradientWindow(torch.tensor([0]), num_grow=1, num_prune=1, grow_pruned=True, in_features=2)
+    feed(window, [torch.tensor([[float("nan"), 1.0], [1.0, 1.0]])], torch.ones(2, 2))
     assert not window.finite and window.steps == 0
+
+
+def test_window_sums_are_exact_optimizer_step_sums_under_accumulation_and_clipping():
+    model = get_peft_model(
+        tiny_llama(sparsity=0.5),
+        SEFTConfig(density=0.05, update_interval=4, selection_steps=3, total_steps=100, init_weights=False),
+    )
+    reference = {  # the dense weights W the adapter's forward uses (constant: learning rate 0)
+        name: module.effective_weight().detach().clone().requires_grad_(True)
+        for name, module in model.named_modules()
+        if isinstance(module, SEFTLayer)
+    }
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, SEFTLayer)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.0)
+    data = torch.Generator().manual_seed(3)
+    expected = {name: [] for name in layers}  # per window step: the clipped dense step gradient
+    for step in range(1, 4):
+        batches = [torch.randint(0, VOCAB, (2, 10), generator=data) for _ in range(3)]
+        for ids in batches:
+            (model(input_ids=ids, labels=ids).loss / 3).backward()
+        factor = min(1.0, 0.05 / (float(torch.nn.utils.clip_grad_norm_(trainable, 0.05)) + 1e-6))
+        optimizer.step()  # the window folds this step in, with the clipped value gradients' scale
+        optimizer.zero_grad()
+        if step >= 2:
+            dense_grads = dense_step_gradients(model, layers, reference, batches)
+            for name in layers:
+                expected[name].append(dense_grads[name].reshape(-1) * factor)
+    assert factor < 1.0  # clipping was active
+    for name, layer in layers.items():
+        window = layer._windows["default"]
+        assert window.steps == 2 and window.candidates.numel() > 0
+        positions = torch.cat([window.trainable, window.candidates])
+        steps = torch.stack([g[positions] for g in expected[name]])
+        torch.testing.assert_close(window.sums, steps.sum(0), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(window.abs_sums, steps.abs().sum(0), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(window.sq_sums, steps.pow(2).sum(0), rtol=1e-4, atol=1e-12)
+
+
+def dense_step_gradients(model, layers, reference, batches) -> dict[str, torch.Tensor]:
+    """The dense weight gradients of one optimizer step: the same micro-batches through a model whose SEFT layers
+    are replaced by plain linear maps with the reference weights."""
+    originals = {}
+    for name, layer in layers.items():
+        reference[name].grad = None
+        originals[name] = layer.forward
+        layer.forward = lambda x, weight=reference[name], layer=layer: torch.nn.functional.linear(
+            x, weight, layer.get_base_layer().bias
+        )
+    try:
+        for ids in batches:
+            (model(input_ids=ids, labels=ids).loss / 3).backward()
+    finally:
+        for name, layer in layers.items():
+            layer.forward = originals[name]
+        model.zero_grad()
+    return {name: reference[name].grad for name in layers}
+
+
+def test_window_checkpoint_entries_round_trip_and_tampering_is_refused():
+    trainable = torch.tensor([0, 5])
+    window = GradientWindow(trainable, num_grow=2, num_prune=2, grow_pruned=True, in_features=4)
+    feed(window, [torch.randn(2, 4) for _ in range(3)], torch.randn(2, 4))
+    state = window.state_dict()
+    copy = GradientWindow.from_state_dict(state, trainable, 8, torch.device("cpu"))
+    for name in ("candidates", "is_grow", "is_prune", "sums", "abs_sums", "sq_sums", "weight_abs"):
+        assert torch.equal(getattr(copy, name), getattr(window, name)), name
+    assert copy.steps == 3 and copy.selected
+
+    def tampered(**changes):
+        return {**state, **changes}
+
+    bad = {
+        "candidates out of range": tampered(candidates=state["candidates"] + 100),
+        "candidates unsorted": tampered(candidates=state["candidates"].flip(0)),
+        "wrong sum length": tampered(sums=torch.zeros(3)),
+        "non-finite sums": tampered(sq_sums=torch.full_like(state["sq_sums"], float("inf"))),
+        "huge counts": tampered(meta=torch.tensor([3, 1, 1, 1, 10**12, 2])),
+        "other trainable": tampered(trainable=torch.tensor([1, 5])),
+    }
+    for entries in bad.values():
+        with pytest.raises(ValueError):
+            GradientWindow.from_state_dict(entries, trainable, 8, torch.device("cpu"))
+    missing = dict(state)
+    del missing["sums"]
+    with pytest.raises(ValueError, match="missing"):
+        GradientWindow.from_state_dict(missing, trainable, 8, torch.device("cpu"))
