@@ -50,21 +50,49 @@ sys.path.insert(0, str(HERE))
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETTINGS = {"50%": (0.5, None), "70%": (0.7, None), "2:4": (None, "2:4")}
-UNSTRUCTURED_METHODS = ["pruned", "seft", "seft_static", "seft_no_regrow", "lora", "masked_lora", "shira"]
-NM_METHODS = ["pruned", "seft", "seft_no_regrow", "masked_lora"]
-EXTRA_METHODS = ["seft_reselect"]  # only run when named in --methods
+UNSTRUCTURED_METHODS = [
+    "pruned",
+    "seft",
+    "seft_static",
+    "seft_no_regrow",
+    "seft_magnitude",
+    "lora",
+    "masked_lora",
+    "shira",
+]
+NM_METHODS = ["pruned", "seft", "seft_nm_reactivate", "seft_static", "lora", "masked_lora", "shira"]
+EXTRA_METHODS = ["seft_reselect", "seft_4x", "seft_16x"]  # only run when named in --methods
+# SEFT variants: SEFTConfig overrides, and the trainable count as a multiple of LoRA's (seft_4x, seft_16x: the
+# equal-memory view, SEFT given more values for the memory masked LoRA takes).
+SEFT_VARIANTS = {
+    "seft": ({}, 1),
+    "seft_static": ({"initial_drop_rate": 0.0}, 1),
+    "seft_no_regrow": ({"grow_pruned": False}, 1),
+    "seft_magnitude": ({"prune_criterion": "magnitude"}, 1),
+    "seft_nm_reactivate": ({"grow_pruned": True}, 1),
+    "seft_reselect": ({"full_reselection_first": True}, 1),
+    "seft_4x": ({}, 4),
+    "seft_16x": ({}, 16),
+}
 LABELS = {
     "dense": "dense (unpruned reference)",
     "pruned": "no repair (Wanda-pruned)",
     "seft": "SEFT (evolving)",
     "seft_static": "SEFT static (initial_drop_rate=0)",
     "seft_no_regrow": "SEFT grow_pruned=False",
+    "seft_magnitude": "SEFT prune_criterion=magnitude",
+    "seft_nm_reactivate": "SEFT in-group re-activation",
     "seft_reselect": "SEFT full_reselection_first=True (extra)",
+    "seft_4x": "SEFT, 4x the trainable values (equal-memory view)",
+    "seft_16x": "SEFT, 16x the trainable values (equal-memory view)",
     "lora": "LoRA (dense delta)",
     "masked_lora": "masked LoRA (SQFT-style)",
     "shira": "SHiRA (PEFT, random sparse delta)",
 }
-NM_LABELS = {"seft": "SEFT 2:4 evolving", "seft_no_regrow": "SEFT 2:4 frozen topology"}
+NM_LABELS = {
+    "seft": "SEFT 2:4 (frozen topology: the paper's N:M mode, our default)",
+    "seft_nm_reactivate": "SEFT 2:4 in-group re-activation (our extension)",
+}
 # Masked LoRA and SHiRA are not swept by default (time): they share the parametrization of LoRA and of SEFT.
 SWEEP_GRID = {
     "seft": [1e-3, 3e-3, 1e-2],
@@ -82,12 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny random Llama instead of SmolLM2 (end-to-end check)")
     p.add_argument("--settings", nargs="+", default=["50%", "70%"], choices=list(SETTINGS))
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all of each setting)")
-    p.add_argument("--steps", type=int, default=16, help="optimizer steps per method")
+    p.add_argument("--steps", type=int, default=64, help="optimizer steps per method")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128, help="training sequence length")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank r; SEFT and SHiRA get the same trainable count")
-    p.add_argument("--update-interval", type=int, default=5, help="SEFT steps between evolution rounds")
-    p.add_argument("--selection-steps", type=int, default=2, help="SEFT gradient-window steps before each round")
+    p.add_argument("--update-interval", type=int, default=10, help="SEFT steps between evolution rounds")
+    p.add_argument("--selection-steps", type=int, default=3, help="SEFT gradient-window steps before each round")
     p.add_argument("--lr-seft", type=float, default=3e-3, help="all SEFT variants (best of the sweep)")
     p.add_argument("--lr-lora", type=float, default=3e-3, help="best of the sweep")
     p.add_argument("--lr-masked-lora", type=float, default=1e-2, help="best of the sweep")
@@ -113,7 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="keep the rows of other settings from the existing results file (e.g. add 2:4 to an earlier run)",
     )
-    p.add_argument("--sweep", action="store_true", help="learning-rate sweep on the 50%% setting instead")
+    p.add_argument("--sweep", action="store_true", help="learning-rate sweep (on --sweep-setting) instead")
+    p.add_argument("--sweep-setting", default="50%", choices=list(SETTINGS), help="the setting the sweep runs on")
     p.add_argument("--sweep-lrs", nargs="+", type=float, help="learning rates to sweep (default: a grid per method)")
     p.add_argument("--sweep-steps", type=int, default=16, help="default: the same as --steps")
     p.add_argument("--sweep-jobs", type=int, default=2, help="sweep children run in parallel (no timings taken)")
@@ -187,8 +216,9 @@ def build_method(method: str, model, spec: dict):
     if method.startswith("seft"):
         import peft_seft
 
+        overrides, multiple = SEFT_VARIANTS[method]
         kwargs = {
-            "num_trainable": lora_count(model, rank),
+            "num_trainable": multiple * lora_count(model, rank),
             "target_modules": PROJECTIONS,
             "total_steps": spec["steps"],
             "update_interval": spec["update_interval"],
@@ -197,13 +227,7 @@ def build_method(method: str, model, spec: dict):
         }
         if pattern is not None:
             kwargs["pattern"] = pattern
-        if method == "seft_static":
-            kwargs["initial_drop_rate"] = 0.0
-        if method == "seft_reselect":
-            kwargs["full_reselection_first"] = True
-        if method == "seft_no_regrow":
-            kwargs["grow_pruned"] = False
-        peft_model = get_peft_model(model, peft_seft.SEFTConfig(**kwargs))
+        peft_model = get_peft_model(model, peft_seft.SEFTConfig(**kwargs, **overrides))
     elif method == "lora":
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=PROJECTIONS)
         peft_model = get_peft_model(model, config)
@@ -428,7 +452,7 @@ def prepare(args: argparse.Namespace, log) -> tuple[Path, dict]:
             model, data["heldout"], seq_len=args.eval_seq_len, batch_size=args.eval_batch_size, show_progress=False
         )
         log(f"dense ppl {info['dense_ppl']:.2f} ({time.perf_counter() - start:.0f} s)")
-    settings = ["50%"] if args.sweep else args.settings
+    settings = [args.sweep_setting] if args.sweep else args.settings
     for setting in settings:
         sparsity, pattern = SETTINGS[setting]
         key = f"{setting.replace(':', '-').replace('%', 'pct')}_calib{args.calib_samples}x{args.calib_seq_len}"
@@ -488,7 +512,7 @@ def window_steps(result: dict, args: argparse.Namespace) -> list[bool]:
     if "window_steps" in result:
         return result["window_steps"]
     n = len(result["step_s"])
-    if result["method"] not in ("seft", "seft_no_regrow", "seft_reselect"):
+    if not result["method"].startswith("seft") or result["method"] == "seft_static":
         return [False] * n
     interval, selection = args.update_interval, min(args.selection_steps, args.update_interval)
     flags = []
@@ -581,7 +605,7 @@ def write_report(args, argv, info, results, started, log, previous=None) -> None
         sweep_json.write_text(json.dumps({"argv": argv, "info": info, "results": rows}, indent=1))
         return write_sweep(args, argv, info, rows, started)
     previous = previous or {"runs": [], "results": [], "info": {}}
-    methods = UNSTRUCTURED_METHODS + EXTRA_METHODS
+    methods = list(dict.fromkeys(UNSTRUCTURED_METHODS + NM_METHODS + EXTRA_METHODS))
     order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in SETTINGS for m in methods)}
     rows = sorted(previous["results"] + rows, key=lambda r: order.get((r["setting"], r["method"]), len(order)))
     info = previous["info"] | info
@@ -766,8 +790,9 @@ def write_sweep(args, argv, info, rows, started=None) -> None:
         "",
         "Commands: " + ", ".join(f"`{c}`" for c in commands),
         "",
-        f"50 % Wanda, {args.sweep_steps} steps of batch {args.batch_size} x {args.seq_len} (warm-up + linear decay "
-        f"over those steps), perplexity on {args.sweep_eval_tokens} tokens of the *calibration* split (never trained "
+        f"Wanda {args.sweep_setting}, {args.sweep_steps} steps of batch {args.batch_size} x {args.seq_len} (warm-up + "
+        f"linear decay over those steps), perplexity on {args.sweep_eval_tokens} tokens of the *calibration* split "
+        "(never trained "
         f"on, not the held-out split). Up to {args.sweep_jobs} runs at a time; one run took "
         f"{min(walls, default=0):.0f}-{max(walls, default=0):.0f} s.",
         "",
@@ -845,6 +870,44 @@ def plot(args, info, rows) -> None:
     fig.tight_layout()
     fig.savefig(args.out.with_suffix(".png"), dpi=120)
     plt.close(fig)
+    plot_pareto(args, rows, plt)
+
+
+def plot_pareto(args, rows, plt) -> None:
+    """Held-out perplexity against peak memory growth and against the amortized step time (x frozen), per setting:
+    points towards the lower left are better; green keeps the pruned sparsity after merging, red does not."""
+    settings = [s for s in SETTINGS if any(r["setting"] == s and "ppl" in r and r["method"] != "pruned" for r in rows)]
+    if not settings:
+        return
+    fig, axes = plt.subplots(len(settings), 2, figsize=(11, 4.2 * len(settings)), squeeze=False)
+    for row_axes, setting in zip(axes, settings, strict=True):
+        chosen = [r for r in rows if r["setting"] == setting and "ppl" in r and r["method"] != "pruned"]
+        for ax, key, xlabel in (
+            (row_axes[0], "peak_rss_growth_mib", "peak RSS growth during training (MiB)"),
+            (row_axes[1], "mean_x_frozen", "mean step time / frozen step (all steps, rounds included)"),
+        ):
+            for r in chosen:
+                if r.get(key) is None:
+                    continue
+                keeps = r["nnz_merged"] == r["nnz_base"] and r["nm_ok"] is not False
+                ax.plot(r[key], r["ppl"], "o", color="tab:green" if keeps else "tab:red")
+                ax.annotate(
+                    label(setting, r["method"]).split(" (")[0],
+                    (r[key], r["ppl"]),
+                    fontsize=7,
+                    xytext=(4, 3),
+                    textcoords="offset points",
+                )
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("held-out perplexity (log)")
+            ax.set_title(f"Wanda {setting}", fontsize=9)
+    fig.suptitle(
+        "Quality against cost (lower left is better; green: keeps the pruned sparsity, red: does not)", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(args.out.with_name(args.out.name + "_pareto.png"), dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -871,7 +934,7 @@ def main() -> None:
     if args.sweep:
         from concurrent.futures import ThreadPoolExecutor
 
-        spec = base_spec(args, "50%", data_path, info) | {
+        spec = base_spec(args, args.sweep_setting, data_path, info) | {
             "steps": args.sweep_steps,
             "eval_key": "valid",
             "frozen_every": 0,

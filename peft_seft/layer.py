@@ -203,28 +203,43 @@ class SEFTLayer(BaseTunerLayer):
         if window is not None:
             self._windows[adapter_name] = window
 
+    def _gradient_pattern(self, adapter_name: str) -> SamplePattern:
+        """Where backward samples the gradient: T, followed by the window's candidates once they are chosen (one
+        sampled product then serves the values and the window)."""
+        window = self._windows.get(adapter_name)
+        if window is None or not window.selected:
+            return self.sample_pattern(adapter_name)
+        if adapter_name not in self._window_patterns:
+            positions = torch.cat([window.trainable, window.candidates])
+            self._window_patterns[adapter_name] = SamplePattern.from_flat(
+                positions, (self.out_features, self.in_features)
+            )
+        return self._window_patterns[adapter_name]
+
     def _collect_gradient(
-        self, adapter_names: tuple[str, ...], grad_out: torch.Tensor, inputs: torch.Tensor, value_grads: list
+        self, adapter_names: tuple[str, ...], grad_out: torch.Tensor, inputs: torch.Tensor, sampled: list
     ) -> None:
-        """Called in backward with this micro-batch's output gradient and inputs (N, out), (N, in), and the value
-        gradient of each adapter of the forward. The dense weight gradient is formed only on a window's first
-        micro-batch, to choose its candidates, and is freed when this returns."""
+        """Called in backward with this micro-batch's output gradient and inputs (N, out), (N, in), and the sampled
+        gradient of each adapter of the forward (at T, then at the window's candidates once chosen). The dense
+        weight gradient is formed only on a window's first micro-batch, to choose its candidates, and is freed when
+        this returns."""
         dense = None
-        for name, value_grad in zip(adapter_names, value_grads, strict=True):
+        for name, gradient in zip(adapter_names, sampled, strict=True):
             window = self._windows.get(name)
-            if window is None or value_grad is None:
+            if window is None or gradient is None:
                 continue
+            k = window.trainable.numel()
             if not window.selected:
                 if dense is None:
                     dense = grad_out.T.float() @ inputs.float()
                 window.select(dense, logical_weight(self.get_base_layer()).detach(), self.pruned_positions(name))
                 candidate_grad = dense.reshape(-1)[window.candidates]
-            else:
-                if name not in self._window_patterns:
-                    shape = (self.out_features, self.in_features)
-                    self._window_patterns[name] = SamplePattern.from_flat(window.candidates, shape)
-                candidate_grad = sampled_gradient(grad_out, inputs, self._window_patterns[name])
-            window.add_micro_batch(value_grad, candidate_grad, inputs)
+            elif gradient.numel() == k + window.candidates.numel():
+                candidate_grad = gradient[k:]
+            else:  # this forward ran before the candidates were chosen (several forwards before one backward)
+                pattern = SamplePattern.from_flat(window.candidates, (self.out_features, self.in_features))
+                candidate_grad = sampled_gradient(grad_out, inputs, pattern)
+            window.add_micro_batch(gradient[:k], candidate_grad, inputs)
 
     def end_window_step(self, adapter_name: str) -> None:
         """After an optimizer step: fold that step's gradients into the adapter's window (if one is open)."""
@@ -383,7 +398,7 @@ class SEFTLinear(nn.Module, SEFTLayer):
             self._restore_base_weight()
         base = self.get_base_layer()
         values = [self.seft_values[name] for name in names]
-        patterns = [self.sample_pattern(name) for name in names]
+        patterns = [self._gradient_pattern(name) for name in names]
         weight = logical_weight(base)
         collector = functools.partial(self._collect_gradient, tuple(names)) if names and self._windows else None
         return seft_linear(x, weight, base.bias, values, patterns, collector)

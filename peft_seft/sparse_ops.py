@@ -59,7 +59,7 @@ def sampled_gradient(grad_out: torch.Tensor, inputs: torch.Tensor, pattern: Samp
     return result
 
 
-# Called in backward with the output gradient (N, out), the inputs (N, in) and the value gradients of every pattern.
+# Called in backward with the output gradient (N, out), the inputs (N, in) and the sampled gradient of every pattern.
 GradientCollector = Callable[[torch.Tensor, torch.Tensor, list], None]
 
 
@@ -73,6 +73,7 @@ class _SEFTLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             out = F.linear(x_c, weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
         ctx.weight, ctx.patterns, ctx.collector = weight, patterns, collector
+        ctx.value_sizes = [v.numel() for v in values]
         ctx.has_bias = bias is not None
         need_inputs = collector is not None or any(ctx.needs_input_grad[5:]) or ctx.needs_input_grad[1]
         ctx.save_for_backward(x_c if need_inputs else None)
@@ -91,12 +92,15 @@ class _SEFTLinear(torch.autograd.Function):
             grad_weight = (grad_2d.T @ x_2d.to(grad_2d.dtype)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
-        grad_values = [
+        # A pattern may sample more positions than its values (a gradient window's candidates after T): one product
+        # serves both, and the values take the leading entries.
+        sampled = [
             sampled_gradient(grad_2d, x_2d, pattern) if needed else None
             for pattern, needed in zip(ctx.patterns, ctx.needs_input_grad[5:], strict=True)
         ]
         if ctx.collector is not None:
-            ctx.collector(grad_2d, x_2d, grad_values)
+            ctx.collector(grad_2d, x_2d, sampled)
+        grad_values = [None if g is None else g[:size] for g, size in zip(sampled, ctx.value_sizes, strict=True)]
         return (grad_x, grad_weight, grad_bias, None, None, *grad_values)
 
 
@@ -110,7 +114,8 @@ def seft_linear(
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` where ``weight`` (out, in) already holds the effective weight.
 
-    ``values[i]`` receives the gradient at ``patterns[i]``; the weight itself is not saved for backward, so
+    ``values[i]`` receives the gradient at the first ``values[i].numel()`` positions of ``patterns[i]`` (a pattern may
+    hold more, for the collector); the weight itself is not saved for backward, so
     it may be rewritten in place between calls (it is read again in backward).
     """
     return _SEFTLinear.apply(x, weight, bias, tuple(patterns), collector, *values)

@@ -163,7 +163,9 @@ class Evolution:
             if not collecting or not values.requires_grad:
                 layer.close_window(adapter_name)
             elif adapter_name not in layer._windows:
-                replaced = drop_count(values.numel(), self.rate_at(adapter_name, next_round))
+                # Before total_steps is known (a forward before the Trainer set it) size for the largest rate.
+                rate = self.rate_at(adapter_name, next_round) if config.total_steps is not None else 1.0
+                replaced = drop_count(values.numel(), rate)
                 num_grow = math.ceil(config.candidate_factor * replaced)
                 num_prune = num_grow if config.prune_criterion == "sensitivity" else 0
                 layer.open_window(adapter_name, num_grow, num_prune, config.grow_pruned)

@@ -66,16 +66,16 @@ class GradientWindow:
         """Choose the candidates from the first micro-batch's dense gradient ``grad`` (out, in) fp32, with the
         effective weight ``weight`` (out, in) and the positions ``pruned`` of P."""
         flat_grad, flat_weight = grad.reshape(-1), weight.reshape(-1)
-        in_trainable = torch.zeros(flat_grad.numel(), dtype=torch.bool, device=grad.device)
-        in_trainable[self.trainable] = True
         inactive = flat_weight == 0
-
         score = flat_grad.abs()
-        score.masked_fill_(in_trainable if self.grow_pruned else in_trainable | inactive, -1.0)
+        if not self.grow_pruned:
+            score.masked_fill_(inactive, -1.0)
+        score[self.trainable] = -1.0
         grow = _top(score, self.num_grow, largest=True)
         prune = torch.empty(0, dtype=torch.long, device=grad.device)
         if self.num_prune:
-            score = (flat_weight.float() * flat_grad).abs_().masked_fill_(in_trainable | inactive, float("inf"))
+            score = (flat_weight.float() * flat_grad).abs_().masked_fill_(inactive, float("inf"))
+            score[self.trainable] = float("inf")
             prune = _top(score, self.num_prune, largest=False)
         self.candidates = torch.cat([grow, prune, pruned.long()]).unique()
         self.is_grow = torch.isin(self.candidates, grow)
@@ -208,9 +208,24 @@ class GradientWindow:
 
 
 def _top(scores: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
-    """Positions of the ``count`` largest (smallest) scores, leaving out those masked with -1 (inf)."""
+    """Positions of the ``count`` largest (smallest) scores, leaving out those masked with -1 (inf).
+
+    Exact, but not by one ``torch.topk`` over the whole weight (slow on CPU for thousands of positions out of
+    millions): a strided sample gives a threshold that about twice ``count`` scores pass, and the top is taken among
+    those; when fewer pass, the plain top-k runs."""
     count = min(count, scores.numel())
     if count <= 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
-    best, positions = torch.topk(scores, count, largest=largest, sorted=False)
+    keys = scores if largest else -scores  # the largest keys are wanted; masked ones are -1 or -inf
+    positions = None
+    stride = scores.numel() // (16 * count)
+    if stride >= 4:
+        sample = keys[::stride]
+        threshold = sample.topk(min(sample.numel(), 2 * (count // stride) + 16)).values[-1]
+        above = (keys >= threshold).nonzero().squeeze(1)
+        if above.numel() >= count:
+            positions = above[keys[above].topk(count, sorted=False).indices]
+    if positions is None:
+        positions = keys.topk(count, sorted=False).indices
+    best = keys[positions]
     return positions[best >= 0] if largest else positions[torch.isfinite(best)]
