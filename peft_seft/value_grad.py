@@ -1,12 +1,13 @@
 """The value gradient of SEFT: (dL/dY)^T X at the K trainable positions only (a sampled dense-dense product, SDDMM).
 
-Two implementations, both returning fp32 values in value-slot order:
+Two implementations, both giving fp32 values:
 
 - ``sampled_addmm``: ``torch.sparse.sampled_addmm`` on the CSR pattern, in fp32 (K dot products of length N; memory
   bound, but it never forms a weight-sized tensor). Inputs in bf16/fp16 are upcast first: it has no bf16 CPU kernel.
 - ``dense_gather``: the dense weight gradient in the inputs' dtype (a GEMM with fp32 accumulation), formed in blocks
   of rows of at most ``DENSE_BLOCK_ELEMENTS`` and gathered at the pattern. Exact products and fp32 sums; for bf16/fp16
-  inputs the block is rounded to bf16/fp16 on CPU (no fp32-output GEMM there) and kept in fp32 on CUDA.
+  inputs the block is rounded to bf16/fp16 on CPU (no fp32-output GEMM there: a relative error of at most 2^-9 per
+  bf16 value, as for any weight gradient under bf16 autocast) and kept in fp32 on CUDA.
 
 ``choose_implementation`` picks one per device and dtype from the measurements in
 ``benchmarks/results/value_grad_kernels.md``; ``PEFT_SEFT_VALUE_GRAD`` or ``set_value_grad_implementation`` override it.
@@ -24,6 +25,7 @@ import torch
 IMPLEMENTATIONS = ("sampled_addmm", "dense_gather")
 ENV_VAR = "PEFT_SEFT_VALUE_GRAD"
 DENSE_BLOCK_ELEMENTS = 1 << 24  # 64 MiB of fp32 per block of the dense gradient
+DENSE_DENSITY = 0.075  # CPU, fp32/fp16: from here on the GEMM wins (mixed at 5 %, GEMM at 10 %)
 
 _override: str | None = None
 
@@ -122,18 +124,19 @@ def _check_name(name: str, source: str) -> str:
 
 
 def choose_implementation(device: torch.device, dtype: torch.dtype, density: float) -> str:
-    """The measured rule (see ``benchmarks/results/value_grad_kernels.md``), unless overridden.
+    """The measured rule (``benchmarks/results/value_grad_kernels.md``), unless overridden.
 
-    CPU: a bf16/fp16 GEMM (AMX/AVX-512 with fp32 accumulation) beats the fp32 sampled kernel plus the upcast at every
-    density measured; in fp32 the sampled kernel wins below about 5 % density. CUDA (provisional, until
-    ``benchmarks/gpu_check.py`` has run): the tensor-core GEMM for bf16/fp16, the sampled kernel for fp32."""
+    CPU: the bf16 GEMM (AMX/AVX-512 bf16, fp32 accumulation) beats the sampled kernel plus its fp32 upcast at every
+    shape and density measured (0.5-10 %); in fp32, and in fp16 (no faster than fp32 there), the sampled kernel wins
+    up to about 5 % density and the GEMM from 10 %. CUDA (provisional, until ``benchmarks/gpu_check.py`` has run): the
+    tensor-core GEMM with fp32 output for bf16/fp16, the sampled kernel for fp32."""
     if _override is not None:
         return _override
     if os.environ.get(ENV_VAR):
         return _check_name(os.environ[ENV_VAR], ENV_VAR)
-    if dtype in (torch.bfloat16, torch.float16):
+    if dtype == torch.bfloat16 or (dtype == torch.float16 and device.type == "cuda"):
         return "dense_gather"
-    if device.type == "cpu" and density >= 0.05:
+    if device.type == "cpu" and density >= DENSE_DENSITY:
         return "dense_gather"
     return "sampled_addmm"
 

@@ -88,6 +88,10 @@ def test_rule_and_overrides(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert choose_implementation(cpu, torch.float32, 0.01) == "sampled_addmm"
     assert choose_implementation(cpu, torch.bfloat16, 0.01) == "dense_gather"
+    assert choose_implementation(cpu, torch.float16, 0.01) == "sampled_addmm"
+    assert choose_implementation(cpu, torch.float32, 0.1) == "dense_gather"
+    assert choose_implementation(torch.device("cuda"), torch.float16, 0.01) == "dense_gather"
+    assert choose_implementation(torch.device("cuda"), torch.float32, 0.1) == "sampled_addmm"
     monkeypatch.setenv(ENV_VAR, "sampled_addmm")
     assert choose_implementation(cpu, torch.bfloat16, 0.01) == "sampled_addmm"
     set_value_grad_implementation("dense_gather")  # the module-level setting wins over the environment
