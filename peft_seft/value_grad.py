@@ -126,10 +126,11 @@ def _check_name(name: str, source: str) -> str:
 def choose_implementation(device: torch.device, dtype: torch.dtype, density: float) -> str:
     """The measured rule (``benchmarks/results/value_grad_kernels.md``), unless overridden.
 
-    CPU: the bf16 GEMM (AMX/AVX-512 bf16, fp32 accumulation) beats the sampled kernel plus its fp32 upcast at every
-    shape and density measured (0.5-10 %); in fp32, and in fp16 (no faster than fp32 there), the sampled kernel wins
-    up to about 5 % density and the GEMM from 10 %. CUDA (provisional, until ``benchmarks/gpu_check.py`` has run): the
-    tensor-core GEMM with fp32 output for bf16/fp16, the sampled kernel for fp32."""
+    CPU: the bf16 GEMM (AMX/AVX-512 bf16, fp32 accumulation) ties with the sampled kernel plus its fp32 upcast at
+    0.5 % density and is 1.5-4x faster from 1 % to 10 %; in fp32, and in fp16 (no faster GEMM than fp32 there), the
+    sampled kernel wins up to 2 %, the two tie at 5 % and the GEMM wins at 10 %. CUDA (provisional, until
+    ``benchmarks/gpu_check.py`` has run): the tensor-core GEMM with fp32 output for bf16/fp16, the sampled kernel for
+    fp32."""
     if _override is not None:
         return _override
     if os.environ.get(ENV_VAR):
