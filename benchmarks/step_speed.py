@@ -33,14 +33,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's peft_seft, installed or not
 import peft_seft  # noqa: E402
+from peft_seft.value_grad import IMPLEMENTATIONS, set_value_grad_implementation  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VARIANTS = ("frozen", "seft", "seft_fwd_bwd", "lora")
+KERNEL_VARIANTS = tuple(f"seft:{name}" for name in IMPLEMENTATIONS)  # SEFT train step with one value-gradient kernel
 LABELS = {
     "frozen": "frozen (fwd + bwd to inputs)",
     "seft": "SEFT train step",
     "seft_fwd_bwd": "SEFT fwd + bwd (no optimizer)",
     "lora": "LoRA train step",
+    **{name: f"SEFT train step, value gradient {name[5:]}" for name in KERNEL_VARIANTS},
 }
 
 
@@ -64,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=15, help="measured rounds (each runs every variant once)")
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = torch.autocast")
+    parser.add_argument("--weights", choices=["fp32", "bf16"], default="fp32", help="dtype of the base weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's default)")
     parser.add_argument("--memory-steps", type=int, default=3, help="steps per memory subprocess")
@@ -75,7 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--profile", action="store_true", help="also profile one frozen and one SEFT step")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "step_speed.md")
-    parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--kernels", action="store_true", help="also a SEFT train step forced to each value-gradient kernel"
+    )
+    parser.add_argument("--memory-child", choices=VARIANTS + KERNEL_VARIANTS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -94,7 +102,8 @@ def build_model(args: argparse.Namespace) -> tuple[LlamaForCausalLM, torch.Tenso
         max_position_embeddings=args.seq,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(args.device).train()
+    with torch.device(args.device):  # built where it runs: initialising 1B parameters on a CPU takes long
+        model = LlamaForCausalLM(config).to(DTYPES[args.weights]).train()
     ids = torch.randint(args.vocab, (args.batch, args.seq), device=args.device)
     return model, ids
 
@@ -175,7 +184,28 @@ def lora(base, ids, args) -> Variant:
     return Variant(train_step(model, optimizer, ids, args), sum(p.numel() for p in params), lora_b, f"r={rank}")
 
 
+def seft_with_kernel(base, ids, args, kernel: str) -> Variant:
+    variant = seft(base, ids, args)
+    step = variant.step
+
+    def forced_step() -> torch.Tensor:
+        set_value_grad_implementation(kernel)
+        try:
+            return step()
+        finally:
+            set_value_grad_implementation(None)
+
+    variant.step = forced_step
+    return variant
+
+
+def variant_names(args: argparse.Namespace) -> tuple[str, ...]:
+    return VARIANTS + KERNEL_VARIANTS if args.kernels else VARIANTS
+
+
 def build_variant(name: str, base, ids, args) -> Variant:
+    if name in KERNEL_VARIANTS:
+        return seft_with_kernel(base, ids, args, name[5:])
     return {"frozen": frozen, "seft": seft, "seft_fwd_bwd": seft_fwd_bwd, "lora": lora}[name](base, ids, args)
 
 
@@ -283,18 +313,19 @@ def main() -> None:
     if args.memory_child:
         return memory_child(args)
     base, ids = build_model(args)
-    variants = {name: build_variant(name, base, ids, args) for name in VARIANTS}
+    variants = {name: build_variant(name, base, ids, args) for name in variant_names(args)}
     for name, variant in variants.items():
         check(name, variant)
     times = time_rounds(variants, args)
     median = {name: statistics.median(ts["wall"]) for name, ts in times.items()}
-    memory = {name: measure_memory(name, argv) for name in VARIANTS}
+    memory = {name: measure_memory(name, argv) for name in variant_names(args)}
 
     config = base.config
     header = (
         f"Random LlamaForCausalLM: hidden {config.hidden_size}, {config.num_hidden_layers} layers, intermediate "
         f"{config.intermediate_size}, {config.num_attention_heads} heads, vocab {config.vocab_size}; batch "
-        f"{args.batch} x seq {args.seq}, {args.dtype} on {args.device}; SEFT density {args.density} on "
+        f"{args.batch} x seq {args.seq}, {args.dtype} on {args.device} ({args.weights} weights); SEFT density "
+        f"{args.density} on "
         f"{', '.join(PROJECTIONS)}, "
         f"{'default evolution (update_interval 20, selection_steps 5)' if args.evolve else 'evolution off'}; "
         f"LoRA on the same modules, {variants['lora'].note}. "
@@ -306,7 +337,7 @@ def main() -> None:
         f"| {memory_kind} (MiB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in VARIANTS:
+    for name in variant_names(args):
         wall, cpu = times[name]["wall"], times[name]["cpu"]
         table.append(
             f"| {LABELS[name]} | {median[name]:.1f} | {statistics.mean(wall):.1f} | {min(wall):.1f} | "

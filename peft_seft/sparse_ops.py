@@ -3,61 +3,19 @@
 The effective weight W = (W0 with P zeroed) + scatter(T, delta) is written into the base weight in place
 (see layer.py), so forward and the input gradient cost exactly what the frozen layer costs. The only
 extra work is the value gradient dL/d delta_t = (dL/dY)^T X at the K positions of T: a sampled
-dense-dense product (SDDMM), never the dense weight gradient. Inside a gradient window an optional
-collector also receives the output gradient, the inputs and the value gradients, to gather O(K) statistics.
+dense-dense product (SDDMM, see value_grad.py), never kept as a dense weight gradient. Inside a gradient
+window an optional collector also receives the output gradient, the inputs and the sampled gradients, to gather
+O(K) statistics.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class SamplePattern:
-    """The K positions of one adapter as a CSR pattern; ``order`` maps CSR slots back to value slots."""
-
-    crow_indices: torch.Tensor
-    col_indices: torch.Tensor
-    order: torch.Tensor
-    shape: tuple[int, int]
-
-    @classmethod
-    def from_flat(cls, flat_positions: torch.Tensor, shape: tuple[int, int]) -> SamplePattern:
-        sorted_positions, order = flat_positions.long().sort()
-        rows, cols = sorted_positions // shape[1], sorted_positions % shape[1]
-        counts = torch.bincount(rows, minlength=shape[0])
-        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return cls(crow, cols, order, shape)
-
-
-def sampled_gradient(grad_out: torch.Tensor, inputs: torch.Tensor, pattern: SamplePattern) -> torch.Tensor:
-    """(grad_out^T @ inputs) at the pattern's positions, in value-slot order, fp32. Shapes (N, out), (N, in)."""
-    k = pattern.order.numel()
-    result = torch.empty(k, device=grad_out.device, dtype=torch.float32)
-    if k == 0:
-        return result
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        template = torch.sparse_csr_tensor(
-            pattern.crow_indices,
-            pattern.col_indices,
-            torch.zeros(k, device=grad_out.device, dtype=torch.float32),
-            pattern.shape,
-            check_invariants=False,
-        )
-    # The CPU kernel wants (out, N) and a column-major (N, in); transposing before the fp32 upcast halves the
-    # copied bytes for bf16/fp16 activations (sampled_addmm has no bf16 kernel).
-    grad_t = grad_out.T.contiguous().float()
-    inputs_t = inputs.T.contiguous().float().T
-    sampled = torch.sparse.sampled_addmm(template, grad_t, inputs_t, beta=0.0)
-    result[pattern.order] = sampled.values()
-    return result
-
+from .value_grad import SamplePattern, sampled_gradient
 
 # Called in backward with the output gradient (N, out), the inputs (N, in) and the sampled gradient of every pattern.
 GradientCollector = Callable[[torch.Tensor, torch.Tensor, list], None]
