@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from . import data, loading
+from .cards import write_model_card
 from .evaluation import perplexity
 from .finetune import TrainSettings, seft_config, train_seft
-from .hub import write_model_card
 from .pruning import SparsityReport, prune
 from .reporting import write_report
 
