@@ -44,6 +44,8 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, inputs: Ite
             f"--output-dir {output_dir} exists and is not empty; pass --overwrite to replace it, or choose another one."
         )
     existing = next(parent for parent in (output, *output.parents) if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"Cannot create --output-dir {output_dir}: {existing} is not a directory.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"Cannot write to --output-dir {output_dir}: {existing} is not writable.")
     return output
