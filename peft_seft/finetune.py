@@ -35,6 +35,7 @@ class TrainSettings:
     save_steps: int = 0  # 0: no checkpoints
     report_to: list[str] = field(default_factory=list)
     packing: bool = False
+    use_cpu: bool = False  # train on the CPU even where a GPU is available (--device cpu)
 
     @property
     def sequences_needed(self) -> int | None:
@@ -112,6 +113,7 @@ def sft_config(output_dir: str | Path, settings: TrainSettings) -> Any:
         logging_first_step=True,
         max_length=settings.seq_len,
         packing=settings.packing,
+        use_cpu=settings.use_cpu,
         bf16=settings.precision == "bf16",
         fp16=settings.precision == "fp16",
         **{_checkpointing_field(): settings.gradient_checkpointing},

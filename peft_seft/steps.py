@@ -150,6 +150,7 @@ def _train_settings(args, device: str) -> TrainSettings:
         save_steps=args.save_steps,
         report_to=[] if args.report_to == ["none"] else args.report_to,
         packing=args.packing,
+        use_cpu=device == "cpu",
     )
 
 

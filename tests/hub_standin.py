@@ -106,8 +106,8 @@ class HubStandIn:
             def log_message(self, *args) -> None:
                 pass
 
-            def _send(self, status: int, body: bytes | dict = b"", headers: dict | None = None) -> None:
-                if isinstance(body, dict):
+            def _send(self, status: int, body: bytes | dict | list = b"", headers: dict | None = None) -> None:
+                if isinstance(body, dict | list):
                     body = json.dumps(body).encode()
                     headers = {"Content-Type": "application/json", **(headers or {})}
                 self.send_response(status)
@@ -142,6 +142,9 @@ class HubStandIn:
                 discussion = re.fullmatch(r"/api/models/(.+?)/discussions/(\d+)", url.path)
                 if discussion:
                     return self._discussion(discussion.group(1), int(discussion.group(2)))
+                tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", url.path)
+                if tree:
+                    return self._tree(tree.group(1), unquote(tree.group(2)), tree.group(3) or "")
                 info = re.fullmatch(r"/api/models/(.+?)(?:/revision/(.+))?", url.path)
                 resolve = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", url.path)
                 if info:
@@ -208,6 +211,21 @@ class HubStandIn:
                     modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
                     return self._send(200, {"files": modes})
                 self._commit(match.group(1), repo, revision, body, parse_qs(url.query).get("create_pr") == ["1"])
+
+            def _tree(self, repo_id: str, revision: str, folder: str) -> None:
+                if (repo := self._repo(repo_id)) is None:
+                    return
+                if (snapshot := repo.resolve(revision)) is None:
+                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+                prefix = f"{folder.strip('/')}/" if folder else ""
+                entries = [
+                    {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                    for name, data in snapshot[1].items()
+                    if name.startswith(prefix)
+                ]
+                if folder and not entries:
+                    return self._error(404, "EntryNotFound", f"{folder} does not exist on {revision}")
+                self._send(200, entries)
 
             def _discussion(self, repo_id: str, number: int) -> None:
                 if (repo := self._repo(repo_id)) is None:
