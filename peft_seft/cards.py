@@ -72,7 +72,8 @@ def evolution_summary(peft_model: Any, adapter_name: str = "default") -> str | N
         totals = totals + report.counts
     kept = all(r.active == r.budget for r in reports)
     return (
-        f"{len(reports)} evolution rounds (optimizer steps {reports[0].step} to {reports[-1].step}, drop rate "
+        f"{len(reports)} evolution round{'s' if len(reports) > 1 else ''} (optimizer steps {reports[0].step} to "
+        f"{reports[-1].step}, drop rate "
         f"{reports[0].drop_rate:.3f} to {reports[-1].drop_rate:.3f}) dropped {totals.dropped:,} and grew "
         f"{totals.grown:,} trainable positions, re-activated {totals.reactivated:,} pruned weights, re-pruned "
         f"{totals.repruned:,} frozen weights to pay for them and restored {totals.restored:,}. "

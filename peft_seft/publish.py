@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,56 +36,87 @@ def _provenance(base_dir: str) -> tuple[str | None, dict[str, Any]]:
     return None, {}
 
 
-def _options(args) -> dict[str, Any]:
-    return {
+def publish(
+    pruned: Any,
+    wrap: Callable[[Any], Any],
+    tokenizer: Any = None,
+    base_repo: str | None = None,
+    adapter_repo: str | None = None,
+    merged_repo: str | None = None,
+    origin: str | None = None,
+    how_made: dict[str, Any] | None = None,
+    pattern: str | None = None,
+    **options: Any,
+) -> list[str]:
+    """Publish the pruned model ``pruned`` to ``base_repo``, then the SEFT adapter (``wrap(pruned)`` gives the
+    ``PeftModel``) to ``adapter_repo`` with ``base_model`` naming the base's repo, and the merged model to
+    ``merged_repo``; ``options`` go to the push functions (token, private, revision, create_pr, commit_message).
+    Every repo id is checked before anything is created. Returns one line per published repo."""
+    if not (base_repo or adapter_repo or merged_repo):
+        raise ValueError("Nothing to publish: name a base, adapter and/or merged repo.")
+    for what, name in (("base repo", base_repo), ("adapter repo", adapter_repo), ("merged repo", merged_repo)):
+        if name:
+            require_repo_id(name, what, "pass owner/name.")
+    if origin:
+        require_repo_id(origin, "origin model", "pass the Hub id of the dense model the base was pruned from.")
+    base_id = base_repo or loading.hub_repo_id(pruned.name_or_path)
+    if adapter_repo and base_id is None:
+        raise ValueError(
+            f"The adapter's base is the local path {pruned.name_or_path!r}; pass a base repo (--base-repo) to "
+            "publish it too (the adapter loads only onto those exact pruned weights)."
+        )
+    how_made = dict(how_made or {})
+    base_report = sparsity_report(pruned, pattern)
+    done = []
+    if base_repo:
+        title = f"{base_report.sparsity:.0%} sparse {pruned.config.model_type} (pruned base for SEFT)"
+        push_sparse_model(pruned, base_repo, tokenizer, origin, title, how_made, pattern, **options)
+        done.append(f"Published the pruned base: {base_repo}")
+    peft_model = wrap(pruned)
+    if adapter_repo:
+        push_adapter(peft_model, adapter_repo, base_id, **options)
+        done.append(f"Published the SEFT adapter: {adapter_repo} (base_model {base_id})")
+    if merged_repo:
+        merged = peft_model.merge_and_unload()
+        check = MergeCheck(base_report, sparsity_report(merged, pattern, [layer.name for layer in base_report.layers]))
+        if check.failed:
+            raise ValueError(f"Not publishing the merged model: {check.summary()}")
+        how_made["repair"] = "a SEFT adapter" + (f" ({adapter_repo})" if adapter_repo else "") + " merged into the base"
+        if base_id:
+            how_made["pruned base"] = base_id
+        title = f"{check.merged.sparsity:.0%} sparse {merged.config.model_type}, repaired with SEFT"
+        push_sparse_model(merged, merged_repo, tokenizer, origin, title, how_made, pattern, **options)
+        done.append(f"Published the merged model: {merged_repo}. {check.summary()}")
+    return done
+
+
+def publish_run(args) -> int:
+    """``seft push``: the adapter directory (or Hub id) ``--adapter`` and its base (``--model``, default: the
+    adapter config's base)."""
+    config = loading.adapter_config(args.adapter)
+    base = args.model or config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"The adapter {args.adapter} names no base model in its config; pass --model.")
+    origin, how = _provenance(base) if Path(base).is_dir() else (None, {})
+    model, tokenizer = loading.load_model(base, args.dtype, args.device)
+    options = {
         "token": args.token,
         "private": args.private,
         "revision": args.revision,
         "create_pr": args.create_pr,
         "commit_message": args.commit_message,
     }
-
-
-def publish_run(args) -> int:
-    if not (args.base_repo or args.adapter_repo or args.merged_repo):
-        raise ValueError("Nothing to publish: pass --base-repo, --adapter-repo and/or --merged-repo.")
-    fix = "pass owner/name."
-    for flag in ("base_repo", "adapter_repo", "merged_repo", "origin_model"):
-        if getattr(args, flag):
-            require_repo_id(getattr(args, flag), f"--{flag.replace('_', '-')}", fix)
-    config = loading.adapter_config(args.adapter)
-    base = args.model or config.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"The adapter {args.adapter} names no base model in its config; pass --model.")
-    base_repo = args.base_repo or loading.hub_repo_id(base)
-    if args.adapter_repo and base_repo is None:
-        raise ValueError(
-            f"The adapter's base is the local path {base!r}; pass --base-repo owner/name to publish it too (the "
-            "adapter loads only onto those exact pruned weights)."
-        )
-    origin, how = _provenance(base) if Path(base).is_dir() else (None, {})
-    origin = args.origin_model or origin
-    model, tokenizer = loading.load_model(base, args.dtype, args.device)
-    pattern = config.get("pattern")
-    base_report = sparsity_report(model, pattern)
-    options = _options(args)
-    if args.base_repo:
-        title = f"{base_report.sparsity:.0%} sparse {model.config.model_type} (pruned base for SEFT)"
-        push_sparse_model(model, args.base_repo, tokenizer, origin, title, how, pattern, **options)
-        print(f"Published the pruned base: {args.base_repo}")
-    peft_model = loading.load_adapter(model, args.adapter)
-    if args.adapter_repo:
-        push_adapter(peft_model, args.adapter_repo, base_repo, **options)
-        print(f"Published the SEFT adapter: {args.adapter_repo} (base_model {base_repo})")
-    if args.merged_repo:
-        merged = peft_model.merge_and_unload()
-        check = MergeCheck(base_report, sparsity_report(merged, pattern, [layer.name for layer in base_report.layers]))
-        if check.failed:
-            raise ValueError(f"Not publishing the merged model: {check.summary()}")
-        how = {**how, "repair": f"SEFT adapter {args.adapter_repo or args.adapter} merged into the pruned base"}
-        if base_repo:
-            how["pruned base"] = base_repo
-        title = f"{check.merged.sparsity:.0%} sparse {merged.config.model_type}, repaired with SEFT"
-        push_sparse_model(merged, args.merged_repo, tokenizer, origin, title, how, pattern, **options)
-        print(f"Published the merged model: {args.merged_repo}. {check.summary()}")
+    for line in publish(
+        model,
+        lambda pruned: loading.load_adapter(pruned, args.adapter),
+        tokenizer,
+        args.base_repo,
+        args.adapter_repo,
+        args.merged_repo,
+        args.origin_model or origin,
+        how,
+        config.get("pattern"),
+        **options,
+    ):
+        print(line)
     return 0
