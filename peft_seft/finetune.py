@@ -58,6 +58,22 @@ def _checkpointing_field() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
+def topology_per_layer(peft_model: Any, adapter_name: str = "default") -> list[dict[str, Any]]:
+    """Where evolution moved the topology, per SEFT layer: pruned weights of the base that are now trainable
+    (re-activated) and frozen weights SEFT pruned to pay for them (re-pruned)."""
+    from .layer import EMPTY_SLOT, SEFTLayer
+
+    rows = []
+    with torch.no_grad():
+        for name, layer in peft_model.named_modules():
+            if isinstance(layer, SEFTLayer) and adapter_name in layer.seft_indices:
+                zero_in_base = layer.base_values_at(layer.seft_indices[adapter_name]) == 0
+                repruned = layer.seft_pruned[adapter_name] != EMPTY_SLOT
+                short = name.removeprefix("base_model.model.")
+                rows.append({"name": short, "reactivated": int(zero_in_base.sum()), "repruned": int(repruned.sum())})
+    return rows
+
+
 @dataclass
 class TrainResult:
     peft_model: Any
@@ -66,6 +82,7 @@ class TrainResult:
     runtime_s: float
     log_history: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
+    topology: list[dict[str, Any]] = field(default_factory=list)
 
 
 def seft_config(
@@ -174,4 +191,5 @@ def train_seft(
         for r in peft_model.base_model.evolution.reports
     ]
     peft_model.eval()
-    return TrainResult(peft_model, losses, rounds, runtime, history, trainer.state.global_step)
+    steps, topology = trainer.state.global_step, topology_per_layer(peft_model)
+    return TrainResult(peft_model, losses, rounds, runtime, history, steps, topology)

@@ -208,6 +208,7 @@ def train_and_save(args, model: Any, tokenizer: Any, splits: data.TextSplits, ou
         "trainable": sum(p.numel() for p in result.peft_model.parameters() if p.requires_grad),
         "losses": result.losses,
         "rounds": result.rounds,
+        "topology": result.topology,
     }
     settings_dict = {
         "training": {k: v for k, v in asdict(settings).items() if k != "progress"},

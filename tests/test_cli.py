@@ -116,8 +116,11 @@ def test_train_saves_adapter_model_card_and_report(trained, pruned):
     assert [r["step"] for r in metrics["training"]["rounds"]] == [3, 6]
     assert all(r["active"] == r["budget"] for r in metrics["training"]["rounds"])
     assert all(math.isfinite(v) for v in metrics["perplexity"].values())
-    for name in ("report.md", "loss.png", "evolution.png", "perplexity.png", "sparsity.png"):
+    for name in ("report.md", "loss.png", "evolution.png", "perplexity.png", "sparsity.png", "topology.png"):
         assert (trained / name).is_file(), name
+    topology = metrics["training"]["topology"]
+    assert len(topology) == 14  # |P| = |T ∩ zero(W0)| in every layer: as many re-pruned as re-activated
+    assert all(row["reactivated"] == row["repruned"] for row in topology) and any(r["repruned"] for r in topology)
 
 
 def test_eval_with_adapter_matches_training_report(workspace, pruned, trained, capsys):
