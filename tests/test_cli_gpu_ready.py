@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import save_tiny_llama, write_chats, write_corpus
-from hub_standin import HubStandIn
 from huggingface_hub import ModelCard, constants
 from safetensors.torch import load_file
 from test_cli import nonzeros
 
 from peft_seft import finetune, loading
 from peft_seft.cli import build_parser, main
+from peft_seft.hub_standin import HubStandIn
 
 QUIET = ["--no-progress", "-q", "--threads", "1"]
 DATA = ["--seq-len", "48", "--eval-tokens", "256"]

@@ -1,4 +1,4 @@
-"""SEFT model cards and Hub publishing, against a local stand-in for the Hub's HTTP API (tests/hub_standin.py) that
+"""SEFT model cards and Hub publishing, against a local stand-in for the Hub's HTTP API (peft_seft/hub_standin.py) that
 validates metadata as the Hub does. A fresh process then loads what was published, from the stand-in, with the
 lines of the cards' usage snippets and reproduces the uploader's logits."""
 
@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import char_tokenizer, tiny_llama
-from hub_standin import HubStandIn
 from huggingface_hub import ModelCard, constants
 from peft import PeftModel, get_peft_model
 
 from peft_seft import SEFTConfig
 from peft_seft.cards import model_card_text, write_model_card
 from peft_seft.hub import push_adapter, push_sparse_model
+from peft_seft.hub_standin import HubStandIn
 from peft_seft.pruning import prune, sparsity_report
 
 SETTINGS = {"update_interval": 2, "selection_steps": 1, "initial_drop_rate": 0.3, "drop_schedule": "linear"}

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from cli_helpers import save_tiny_llama, write_chats
 from conftest import nonzeros_per_layer
-from hub_standin import HubStandIn
 from huggingface_hub import ModelCard
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from peft_seft.hub_standin import HubStandIn
 from peft_seft.pruning import prune
 from peft_seft.trl_args import SEFTArguments, get_seft_config
 

@@ -1,13 +1,13 @@
-"""A local stand-in for the Hugging Face Hub's HTTP API: the endpoints ``huggingface_hub`` uses to create a repo,
-read its info, create a branch, validate a card, upload a commit (on a branch or as a pull request) and download
-files. It runs on 127.0.0.1 in a thread; point ``HF_ENDPOINT`` (another process) or
-``huggingface_hub.constants.ENDPOINT`` (this one) at :attr:`HubStandIn.url`.
+"""A local stand-in for the Hugging Face Hub's HTTP API, to test and demonstrate publishing without the Hub: the
+endpoints ``huggingface_hub`` uses to create a repo, read its info, create a branch, validate a card, upload a
+commit (on a branch or as a pull request) and download files. It runs on 127.0.0.1 in a thread; point
+``HF_ENDPOINT`` (another process) or ``huggingface_hub.constants.ENDPOINT`` (this one) at :attr:`HubStandIn.url`.
 
 Like the Hub, it validates a card's metadata (``/api/validate-yaml`` and again on every commit that holds a
 README.md): ``base_model`` must be the id of a model on the Hub (a repo here, or one of ``known_models``),
 ``base_model:<relation>:<id>`` tags must name a known relation and such an id, tags must be strings without
 whitespace. Private repos are invisible without a token. Every file is uploaded inline ("regular" upload mode),
-so no LFS/Xet transfer is needed.
+so no LFS/Xet transfer is needed. Not a full Hub: no auth checks beyond presence of a token, no LFS.
 """
 
 from __future__ import annotations
