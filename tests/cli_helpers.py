@@ -114,3 +114,15 @@ def write_corpus(directory: Path, fmt: str, column: str = "text", count: int = 6
     else:
         raise ValueError(fmt)
     return path
+
+
+def pruned_workspace(root: Path) -> Path:
+    """``root`` with a tiny Llama (``tiny/``), its 50 % magnitude-pruned copy written by ``seft prune``
+    (``pruned/``) and ``corpus.jsonl``."""
+    from peft_seft.cli import main
+
+    save_tiny_llama(root / "tiny")
+    write_corpus(root, "jsonl")
+    argv = ["prune", "--model", str(root / "tiny"), "--method", "magnitude", "--output-dir", str(root / "pruned")]
+    assert main([*argv, "--no-progress", "-q", "--threads", "1"]) == 0
+    return root

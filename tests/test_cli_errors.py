@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import save_tiny_llama, write_corpus
+from cli_helpers import pruned_workspace
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -26,11 +26,7 @@ TRAIN += ["--selection-steps", "1"]
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli-errors")
-    save_tiny_llama(root / "tiny")
-    write_corpus(root, "jsonl")
-    argv = ["prune", "--model", str(root / "tiny"), "--method", "magnitude", "--output-dir", str(root / "pruned")]
-    assert main([*argv, *QUIET]) == 0
+    root = pruned_workspace(tmp_path_factory.mktemp("cli-errors"))
     model = AutoModelForCausalLM.from_pretrained(root / "pruned")
     model.name_or_path = model.config._name_or_path = str(root / "pruned")
     get_peft_model(model, SEFTConfig(task_type="CAUSAL_LM", density=0.1, random_seed=0)).save_pretrained(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import save_tiny_llama, write_chats, write_corpus
+from cli_helpers import pruned_workspace, write_chats
 from huggingface_hub import ModelCard, constants
 from safetensors.torch import load_file
 from test_cli import nonzeros
@@ -32,11 +32,7 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli-gpu-ready")
-    save_tiny_llama(root / "tiny")
-    write_corpus(root, "jsonl")
-    argv = ["prune", "--model", str(root / "tiny"), "--method", "magnitude", "--output-dir", str(root / "pruned")]
-    assert main([*argv, *QUIET]) == 0
+    root = pruned_workspace(tmp_path_factory.mktemp("cli-gpu-ready"))
     return root
 
 

@@ -12,14 +12,18 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import save_tiny_llama, write_chats
-from conftest import nonzeros_per_layer
 from huggingface_hub import ModelCard
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from peft_seft.hub_standin import HubStandIn
-from peft_seft.pruning import prune
+from peft_seft.pruning import prune, sparsity_report
 from peft_seft.trl_args import SEFTArguments, get_seft_config
+
+
+def nonzeros_per_layer(model) -> dict[str, int]:
+    return {layer.name: layer.nonzeros for layer in sparsity_report(model).layers}
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "sft_seft.py"
