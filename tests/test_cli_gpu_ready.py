@@ -119,7 +119,7 @@ def test_push_then_eval_and_merge_by_hub_id(ws, tmp_path, monkeypatch, capsys):
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
         push = ["push", "--adapter", str(run / "adapter"), "--token", "hf_test"]
         assert main([*push, "--adapter-repo", "me/seft", *QUIET]) == 2  # a local base needs --base-repo
-        assert "pass --base-repo" in capsys.readouterr().err and hub.repos == {}
+        assert "pass a base repo (--base-repo)" in capsys.readouterr().err and hub.repos == {}
         repos = ["--base-repo", "me/pruned", "--adapter-repo", "me/seft", "--merged-repo", "me/merged"]
         assert main([*push, *repos, "--origin-model", "org/tiny-llama", *QUIET]) == 0
         assert set(hub.repos) == {"me/pruned", "me/seft", "me/merged"}
