@@ -6,7 +6,9 @@ adapters (``library_name: peft``, tags ``seft``/``sparse``, the base's sparsity,
 evolution did, and the install-and-import line). A card written by us is recognised when the folder is saved again:
 its evolution summary and training details are kept when the current session has none to replace them.
 
-Only Hub repo ids ever go into a card's metadata (``base_model``, ``base_model:...`` tags): the Hub rejects paths.
+A card written by ``save_pretrained`` names the base in ``base_model`` as PEFT does (``base_model_name_or_path``,
+which PEFT's own tests expect, even when it is a local path); ``base_model:...`` tags name Hub repo ids only. Cards
+written for publishing (``repo_id`` given) hold Hub repo ids only: the Hub rejects paths.
 """
 
 from __future__ import annotations
@@ -147,9 +149,9 @@ def model_card_text(
 ) -> str:
     """The README.md of a SEFT adapter: YAML front matter and a description of the adapter.
 
-    ``base_model`` names the pruned model the adapter loads onto (default: the config's ``base_model_name_or_path``);
-    it goes into the metadata only if it is a Hub repo id. ``repo_id`` is where the adapter is published (the usage
-    snippet names it). ``previous`` is the card this one replaces: its evolution summary and training details are
+    ``base_model`` names the pruned model the adapter loads onto (default: the config's ``base_model_name_or_path``).
+    ``repo_id`` is where the adapter is published (the usage snippet names it); with it, the metadata holds only
+    Hub repo ids. ``previous`` is the card this one replaces: its evolution summary and training details are
     kept when this session has none.
     """
     config = peft_model.peft_config[adapter_name]
@@ -181,7 +183,7 @@ def model_card_text(
     details = [f"- {name}: {value}" for name, value in extra.items()] if extra else kept.get("## Training details")
     auto = "AutoPeftModelForCausalLM" if causal else "AutoPeftModel"
     lines = [
-        *_front_matter("peft", base_id, tags, "text-generation" if causal else None),
+        *_front_matter("peft", base_id if repo_id else base, tags, "text-generation" if causal else None),
         f"# SEFT adapter for {base or 'a pruned model'}",
         "",
         f"A sparse fine-tuning adapter trained with [SEFT (Sparsity Evolution Fine-Tuning)]({PAPER}) using "

@@ -172,10 +172,10 @@ def run_repair(args) -> int:
         extra = {
             "pruning": f"{args.method}, "
             + (f"pattern {args.pattern}" if args.pattern else f"sparsity {args.sparsity:g}"),
+            "pruned from": loading.hub_base_id(args.model),
             "pruned base": "`pruned/` next to this adapter (saved by `seft repair`)",
             "held-out perplexity": f"dense {ppl['dense']:.3f}, pruned {ppl['pruned']:.3f}",
         }
-        args.card_base_model = args.card_base_model or loading.hub_base_id(args.model)
         with timer.stage("train"):
             result, _, training, settings = train_and_save(args, model, tokenizer, splits, work, extra)
         with timer.stage("merge"):
