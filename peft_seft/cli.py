@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .errors import one_line
 from .loading import DTYPE_CHOICES
 from .outputs import expand
 from .pruning import METHODS
@@ -291,10 +292,6 @@ def _set_threads(threads: int | None) -> None:
 USER_ERRORS = (ValueError, OSError, ImportError)
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _expand_paths(args: argparse.Namespace) -> None:
     for name in ("model", "adapter", "dataset", "output_dir", "resume"):
         if getattr(args, name, None):
@@ -323,10 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         if isinstance(error, USER_ERRORS):
-            print(f"seft {args.command}: error: {_one_line(error)}", file=sys.stderr)
+            print(f"seft {args.command}: error: {one_line(error)}", file=sys.stderr)
             return 2
         print(
-            f"seft {args.command}: error: {type(error).__name__}: {_one_line(error)} (run with -v for the traceback)",
+            f"seft {args.command}: error: {type(error).__name__}: {one_line(error)} (run with -v for the traceback)",
             file=sys.stderr,
         )
         return 1

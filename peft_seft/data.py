@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .errors import one_line
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "pydoc_data.topics (Python reference manual, embedded)"
@@ -108,7 +110,7 @@ def load_raw_dataset(name: str, config_name: str | None = None) -> Any:
         try:
             return datasets.load_dataset(builder, data_files=str(path), **kwargs)
         except Exception as error:  # noqa: BLE001 - pyarrow, pandas and datasets raise many types for a bad file
-            raise ValueError(f"Cannot read dataset file {name} as {builder}: {_reason(error)}") from error
+            raise ValueError(f"Cannot read dataset file {name} as {builder}: {one_line(error)}") from error
     try:
         return datasets.load_dataset(name, config_name)
     except Exception as error:  # noqa: BLE001 - the datasets library raises many kinds; all mean the same here
@@ -116,14 +118,6 @@ def load_raw_dataset(name: str, config_name: str | None = None) -> Any:
             f"Could not load dataset {name!r} (not a local file or directory, and loading it as a Hugging Face Hub "
             f"dataset failed: {type(error).__name__}: {error})"
         ) from error
-
-
-def _reason(error: BaseException) -> str:
-    """One line on why a file could not be read (the datasets library wraps the parser's error in a vague one)."""
-    while error.__cause__ is not None and "error occurred while generating" in str(error):
-        error = error.__cause__
-    text = str(error).strip() or type(error).__name__
-    return " ".join(text.split())[:300]
 
 
 def chat_format(dataset: Any) -> str | None:

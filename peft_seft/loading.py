@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .cards import hub_repo_id
+from .errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +71,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
-def _first_line(error: BaseException) -> str:
-    """A one-line description of ``error`` (or of its cause, when the error itself says nothing specific)."""
-    cause = error.__cause__ or error.__context__
-    text = str(error).strip() or type(error).__name__
-    if cause is not None and "An error occurred while generating the dataset" in text:
-        text = str(cause).strip() or type(cause).__name__
-    return " ".join(text.split())
-
-
 def load_model(name: str | None = None, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` on ``device`` (default: cuda if available); a tokenizer without a pad token gets its EOS
     token as pad token. A checkpoint that cannot be read is a ``ValueError`` naming it."""
@@ -103,11 +95,9 @@ def load_model(name: str | None = None, dtype: str = "auto", device: str | None 
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as error:
-            raise ValueError(f"Could not load the model {name}: {_first_line(error)}") from error
+            raise ValueError(f"Could not load the model {name}: {one_line(error)}") from error
         except Exception as error:  # noqa: BLE001 - safetensors, tokenizers and json raise their own types
-            raise ValueError(
-                f"Could not load the model {name}: {type(error).__name__}: {_first_line(error)}"
-            ) from error
+            raise ValueError(f"Could not load the model {name}: {type(error).__name__}: {one_line(error)}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
@@ -128,11 +118,11 @@ def adapter_config(adapter: str) -> dict[str, Any]:
         try:
             config_file = Path(hf_hub_download(adapter, "adapter_config.json"))
         except Exception as error:  # noqa: BLE001 - network, auth and not-found errors all mean the same here
-            raise ValueError(f"Could not get the adapter {adapter} from the Hub: {_first_line(error)}") from error
+            raise ValueError(f"Could not get the adapter {adapter} from the Hub: {one_line(error)}") from error
     try:
         return json.loads(config_file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"The adapter_config.json of {adapter} is not valid JSON: {_first_line(error)}") from error
+        raise ValueError(f"The adapter_config.json of {adapter} is not valid JSON: {one_line(error)}") from error
 
 
 def load_adapter(model: Any, adapter: str) -> Any:
@@ -144,6 +134,4 @@ def load_adapter(model: Any, adapter: str) -> Any:
     try:
         return PeftModel.from_pretrained(model, source).eval()
     except Exception as error:  # noqa: BLE001 - safetensors and PEFT raise many types for a damaged adapter
-        raise ValueError(
-            f"Could not load the adapter {adapter}: {type(error).__name__}: {_first_line(error)}"
-        ) from error
+        raise ValueError(f"Could not load the adapter {adapter}: {type(error).__name__}: {one_line(error)}") from error
