@@ -139,3 +139,15 @@ def test_push_then_eval_and_merge_by_hub_id(ws, tmp_path, monkeypatch, capsys):
         done = subprocess.run([*seft, *merge], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
     assert nonzeros(merged) == nonzeros(ws / "pruned")
+
+
+def test_gradient_checkpointing_uses_the_name_the_installed_transformers_knows(monkeypatch):
+    from types import SimpleNamespace
+
+    def config_fields(*names):
+        return lambda cls: [SimpleNamespace(name=name) for name in names]
+
+    monkeypatch.setattr(finetune, "fields", config_fields("bf16", "gradient_checkpointing", "activation_checkpointing"))
+    assert finetune._checkpointing_field() == "activation_checkpointing"  # transformers >= 5.23
+    monkeypatch.setattr(finetune, "fields", config_fields("bf16", "gradient_checkpointing"))
+    assert finetune._checkpointing_field() == "gradient_checkpointing"  # transformers 5.x before 5.23
