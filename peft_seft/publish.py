@@ -2,13 +2,12 @@
 
 The pruned base goes to ``--base-repo`` (a plain sparse transformers repo), the adapter to ``--adapter-repo`` with
 ``base_model`` naming that repo, and the merged model to ``--merged-repo``. Every repo id is checked before anything
-is loaded or created.
+is created on the Hub.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,6 @@ from . import loading
 from .hub import push_adapter, push_sparse_model, require_repo_id
 from .merging import MergeCheck
 from .pruning import sparsity_report
-
-logger = logging.getLogger("peft_seft.cli")
 
 
 def _provenance(base_dir: str) -> tuple[str | None, dict[str, Any]]:
