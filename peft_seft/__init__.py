@@ -6,6 +6,7 @@ the mask evolves during training in any loop that calls ``optimizer.step()``.
 """
 
 from .callbacks import SEFTCallback, install_default_callback
+from .cards import install_model_card_hook
 from .config import SEFTConfig
 from .layer import SEFTLayer, SEFTLinear
 from .model import SEFTModel
@@ -13,5 +14,6 @@ from .registration import SEFT_PEFT_TYPE, register_seft
 
 register_seft(SEFTConfig, SEFTModel, prefix=SEFTModel.prefix)
 install_default_callback()
+install_model_card_hook()
 
 __all__ = ["SEFT_PEFT_TYPE", "SEFTCallback", "SEFTConfig", "SEFTLayer", "SEFTLinear", "SEFTModel"]

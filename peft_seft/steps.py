@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from . import data, loading
+from .cards import write_model_card
 from .evaluation import perplexity
-from .finetune import TrainSettings, seft_config, train_seft
-from .hub import write_model_card
+from .finetune import TrainSettings, default_precision, seft_config, train_seft
 from .pruning import SparsityReport, prune
 from .reporting import write_report
 
@@ -52,7 +52,9 @@ class Timer:
 
 def load_inputs(args, need_data: bool = True):
     model, tokenizer = loading.load_model(args.model, args.dtype, args.device)
-    splits = data.load_text_splits(args.dataset, args.text_column, args.dataset_config) if need_data else None
+    splits = (
+        data.load_text_splits(args.dataset, args.text_column, args.dataset_config, tokenizer) if need_data else None
+    )
     if splits is not None:
         logger.info("Dataset %s: %s.", splits.source, splits.summary())
     return model, tokenizer, splits
@@ -129,9 +131,11 @@ def pruning_settings(args) -> dict[str, Any]:
     }
 
 
-def _train_settings(args) -> TrainSettings:
+def _train_settings(args, device: str) -> TrainSettings:
+    epochs = args.num_train_epochs is not None and args.max_steps is None
     return TrainSettings(
-        max_steps=args.max_steps,
+        max_steps=-1 if epochs else args.max_steps or 100,
+        num_train_epochs=args.num_train_epochs or 1.0,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         lr=args.lr,
@@ -141,6 +145,12 @@ def _train_settings(args) -> TrainSettings:
         seq_len=args.seq_len,
         seed=args.seed,
         progress=args.progress,
+        precision=args.precision or default_precision(device),
+        gradient_checkpointing=args.gradient_checkpointing,
+        save_steps=args.save_steps,
+        report_to=[] if args.report_to == ["none"] else args.report_to,
+        packing=args.packing,
+        use_cpu=device == "cpu",
     )
 
 
@@ -155,36 +165,50 @@ def _seft_config(args):
         prune_criterion=args.prune_criterion,
         pattern=args.pattern,
         seed=args.seed,
-        total_steps=args.max_steps,
+        total_steps=None,  # the Trainer's max steps (SEFTCallback), also when training for whole epochs
     )
 
 
-def train_and_save(args, model: Any, tokenizer: Any, splits: data.TextSplits, output_dir: Path, extra: dict[str, Any]):
-    settings = _train_settings(args)
-    train_dataset = data.lm_dataset(splits.train, tokenizer, args.seq_len, settings.sequences_needed)
-    if len(train_dataset) < settings.sequences_needed:
+def _train_dataset(args, tokenizer: Any, splits: data.TextSplits, settings: TrainSettings) -> tuple[Any, str]:
+    """The training data and its description: chat records for SFTTrainer to process, else fixed-length
+    sequences of the concatenated text."""
+    from datasets import Dataset
+
+    if splits.train_records is not None:
+        dataset = Dataset.from_list(splits.train_records)
+        return dataset, f"{len(dataset)} chats from {splits.source} (SFTTrainer's chat processing)"
+    dataset = data.lm_dataset(splits.train, tokenizer, args.seq_len, settings.sequences_needed)
+    needed = settings.sequences_needed
+    if needed is not None and len(dataset) < needed:
         logger.info(
             "The training split has %d sequences of %d tokens; %d steps x %d sequences repeat it %.1f times.",
-            len(train_dataset),
+            len(dataset),
             args.seq_len,
             settings.max_steps,
             settings.batch_size * settings.grad_accum,
-            settings.sequences_needed / len(train_dataset),
+            needed / len(dataset),
         )
+    return dataset, f"{len(dataset)} sequences of {args.seq_len} tokens from {splits.source}"
+
+
+def train_and_save(args, model: Any, tokenizer: Any, splits: data.TextSplits, output_dir: Path, extra: dict[str, Any]):
+    settings = _train_settings(args, str(next(model.parameters()).device))
+    train_dataset, described = _train_dataset(args, tokenizer, splits, settings)
     config = _seft_config(args)
-    result = train_seft(model, tokenizer, train_dataset, config, settings, output_dir / "trainer")
+    result = train_seft(model, tokenizer, train_dataset, config, settings, output_dir / "trainer", args.resume)
     adapter_dir = output_dir / "adapter"
-    result.peft_model.save_pretrained(adapter_dir)
+    result.peft_model.save_pretrained(adapter_dir, save_embedding_layers=False)  # SEFT never adapts embeddings here
     tokenizer.save_pretrained(adapter_dir)
-    extra = {**extra, "training data": f"{len(train_dataset)} sequences of {args.seq_len} tokens from {splits.source}"}
+    extra = {**extra, "training data": described}
     write_model_card(result.peft_model, adapter_dir, base_model=args.card_base_model, extra=extra)
-    logger.info("Saved the SEFT adapter and its model card to %s.", adapter_dir)
+    logger.info("Saved the SEFT adapter and its model card.")
     training = {
-        "steps": settings.max_steps,
+        "steps": result.steps,
         "runtime_s": result.runtime_s,
         "trainable": sum(p.numel() for p in result.peft_model.parameters() if p.requires_grad),
         "losses": result.losses,
         "rounds": result.rounds,
+        "topology": result.topology,
     }
     settings_dict = {
         "training": {k: v for k, v in asdict(settings).items() if k != "progress"},

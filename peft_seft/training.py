@@ -208,7 +208,16 @@ class Evolution:
                 skipped,
                 name,
             )
-        logger.info("SEFT round at step %d (%s): %s", step, name, report.as_log())
+        counts = ", ".join(f"{key} {value:,}" for key, value in vars(total).items())
+        logger.info(
+            "SEFT round at step %d (%s): drop rate %.3f, %s; active %s of %s",
+            step,
+            name,
+            rate,
+            counts,
+            f"{active:,}",
+            f"{budget:,}",
+        )
 
     @staticmethod
     def active_count(name: str, layers: list[SEFTLayer]) -> tuple[int, int]:

@@ -23,6 +23,12 @@ VERBS = ["reads", "returns", "keeps", "updates", "repairs", "raises"]
 OBJECTS = ["a token", "the mask", "an error", "the value", "two lists", "the gradient"]
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'][0] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}a: {% endif %}"
+)
+
+
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """Character-level tokenizer: <pad>=0, <eos>=1, <unk>=2, then printable ASCII."""
     vocab = dict(SPECIAL)
@@ -30,7 +36,11 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
         vocab[chr(code)] = len(vocab)
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -70,6 +80,21 @@ def documents(count: int = 60, seed: int = 0) -> list[str]:
     return docs
 
 
+def write_chats(directory: Path, kind: str, count: int = 40) -> Path:
+    """``documents()`` as a conversational (``messages``) or prompt/completion ``chats-<kind>.jsonl`` file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"chats-{kind}.jsonl"
+    rows = []
+    for doc in documents(count):
+        question, answer = doc.split(". ", 1) if ". " in doc else (doc, doc)
+        if kind == "conversational":
+            rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+        else:
+            rows.append({"prompt": question + "? ", "completion": answer})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def write_corpus(directory: Path, fmt: str, column: str = "text", count: int = 60) -> Path:
     """``documents()`` written as ``corpus.<fmt>`` (jsonl, json, csv or txt) with the text in ``column``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -89,3 +114,15 @@ def write_corpus(directory: Path, fmt: str, column: str = "text", count: int = 6
     else:
         raise ValueError(fmt)
     return path
+
+
+def pruned_workspace(root: Path) -> Path:
+    """``root`` with a tiny Llama (``tiny/``), its 50 % magnitude-pruned copy written by ``seft prune``
+    (``pruned/``) and ``corpus.jsonl``."""
+    from peft_seft.cli import main
+
+    save_tiny_llama(root / "tiny")
+    write_corpus(root, "jsonl")
+    argv = ["prune", "--model", str(root / "tiny"), "--method", "magnitude", "--output-dir", str(root / "pruned")]
+    assert main([*argv, "--no-progress", "-q", "--threads", "1"]) == 0
+    return root

@@ -105,7 +105,7 @@ def test_train_saves_adapter_model_card_and_report(trained, pruned):
         assert (adapter / name).is_file(), name
     card = ModelCard.load(adapter / "README.md")
     assert card.data.library_name == "peft"
-    assert card.data.base_model == str(pruned.resolve())
+    assert card.data.base_model == str(pruned.resolve())  # a local card names the base as PEFT does
     assert {"peft", "seft", "sparse"} <= set(card.data.tags)
     assert "update_interval | 3" in card.text and "Evolution summary" in card.text
     metrics = json.loads((trained / "metrics.json").read_text())
@@ -115,8 +115,11 @@ def test_train_saves_adapter_model_card_and_report(trained, pruned):
     assert [r["step"] for r in metrics["training"]["rounds"]] == [3, 6]
     assert all(r["active"] == r["budget"] for r in metrics["training"]["rounds"])
     assert all(math.isfinite(v) for v in metrics["perplexity"].values())
-    for name in ("report.md", "loss.png", "evolution.png", "perplexity.png", "sparsity.png"):
+    for name in ("report.md", "loss.png", "evolution.png", "perplexity.png", "sparsity.png", "topology.png"):
         assert (trained / name).is_file(), name
+    topology = metrics["training"]["topology"]
+    assert len(topology) == 14  # |P| = |T ∩ zero(W0)| in every layer: as many re-pruned as re-activated
+    assert all(row["reactivated"] == row["repruned"] for row in topology) and any(r["repruned"] for r in topology)
 
 
 def test_eval_with_adapter_matches_training_report(workspace, pruned, trained, capsys):

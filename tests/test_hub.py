@@ -1,41 +1,39 @@
-"""SEFT model cards and Hub upload.
-
-The upload is stubbed at the HTTP boundary: ``huggingface_hub`` 2.4 sends every Hub API request through one shared
-``httpx2.Client`` made by a replaceable factory (``huggingface_hub.set_client_factory``), so the tests install a
-client whose ``httpx2.MockTransport`` records each request and answers with canned JSON. The canned ``preupload``
-answer marks every file ``regular`` (the real Hub says ``lfs`` for .safetensors, which would route the weights
-through the Xet protocol in the Rust ``hf_xet`` client, outside httpx2); regular files travel base64-encoded inside
-the commit request, so the test reads back every uploaded byte.
-"""
+"""SEFT model cards and Hub publishing, against a local stand-in for the Hub's HTTP API (peft_seft/hub_standin.py) that
+validates metadata as the Hub does. A fresh process then loads what was published, from the stand-in, with the
+lines of the cards' usage snippets and reproduces the uploader's logits."""
 
 from __future__ import annotations
 
-import base64
+import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-import httpx2
 import pytest
 import torch
-from cli_helpers import tiny_llama
-from huggingface_hub import ModelCard, set_client_factory
-from huggingface_hub.utils._http import default_client_factory
-from peft import get_peft_model
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import load_file
+from cli_helpers import char_tokenizer, tiny_llama
+from huggingface_hub import ModelCard, constants
+from peft import PeftModel, get_peft_model
 
 from peft_seft import SEFTConfig
-from peft_seft.hub import model_card_text, upload_adapter, write_model_card
-from peft_seft.pruning import prune
+from peft_seft.cards import model_card_text, write_model_card
+from peft_seft.hub import push_adapter, push_sparse_model
+from peft_seft.hub_standin import HubStandIn
+from peft_seft.pruning import prune, sparsity_report
 
-REPO = "someone/seft-tiny"
 SETTINGS = {"update_interval": 2, "selection_steps": 1, "initial_drop_rate": 0.3, "drop_schedule": "linear"}
+DENSE = "org/tiny-llama"  # the dense model the pruned one comes from (known to the stand-in)
+TOKEN = "hf_test_token"
+LOADER = Path(__file__).with_name("load_from_hub.py")
 
 
-def seft_model(train_steps: int = 0):
+def seft_model(train_steps: int = 0, name: str = "org/tiny-llama-pruned"):
     torch.manual_seed(0)
     model = tiny_llama()
     prune(model, "magnitude", 0.5, show_progress=False)
-    model.name_or_path = model.config._name_or_path = "org/tiny-llama-pruned"
+    model.name_or_path = model.config._name_or_path = name
     config = SEFTConfig(task_type="CAUSAL_LM", density=0.1, total_steps=8, random_seed=0, **SETTINGS)
     peft_model = get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
@@ -44,7 +42,7 @@ def seft_model(train_steps: int = 0):
         peft_model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return peft_model
+    return peft_model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -57,131 +55,156 @@ def trained():
         torch.set_num_threads(threads)
 
 
-def test_card_has_peft_metadata_sparsity_and_evolution_settings(trained, tmp_path):
-    trained.save_pretrained(tmp_path, save_embedding_layers=False)  # no Hub look-up of the (made-up) base
-    path = write_model_card(trained, tmp_path)
-    card = ModelCard.load(path)
+@pytest.fixture
+def hub(monkeypatch):
+    with HubStandIn(known_models=(DENSE,)) as standin:
+        monkeypatch.setattr(constants, "ENDPOINT", standin.url)
+        yield standin
+
+
+def test_save_pretrained_writes_the_seft_card(trained, tmp_path):
+    trained.save_pretrained(tmp_path, save_embedding_layers=False)
+    card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "peft"
     assert card.data.base_model == "org/tiny-llama-pruned"
-    assert {"peft", "seft", "sparse"} <= set(card.data.tags)
+    assert {"peft", "seft", "sparse", "base_model:adapter:org/tiny-llama-pruned"} <= set(card.data.tags)
     assert card.data.pipeline_tag == "text-generation"
     text = card.text
+    assert "More Information Needed" not in text  # not PEFT's template
     assert "sparsity of the 14 target layers: 50.00% (9,216 non-zeros of 18,432 weights)" in text
+    assert "trainable values: 1,842 (density 0.1)" in text
     for name, value in {**SETTINGS, "density": 0.1, "grow_pruned": True, "prune_criterion": "sensitivity"}.items():
         assert f"| {name} | {value} |" in text, name
     assert "| pattern | unstructured |" in text
     assert "(?:down_proj\\|gate_proj\\|" in text  # the regex's pipes are escaped inside the markdown table
-    rounds = trained.base_model.evolution.reports
-    assert [r.step for r in rounds] == [2, 4, 6]
-    assert f"{len(rounds)} evolution rounds (optimizer steps 2 to 6" in text
+    assert [r.step for r in trained.base_model.evolution.reports] == [2, 4, 6]
+    assert "3 evolution rounds (optimizer steps 2 to 6" in text
     assert "equalled the base's non-zero count (9,216)" in text
+    assert "pip install peft-seft" in text and "import peft_seft" in text
 
 
-def test_card_replaces_peft_generic_card_and_names_a_given_base(tmp_path):
-    model = seft_model()
-    model.save_pretrained(tmp_path, save_embedding_layers=False)
-    assert "More Information Needed" in (tmp_path / "README.md").read_text()  # PEFT's template
-    write_model_card(model, tmp_path, base_model="HuggingFaceTB/SmolLM2-135M-Instruct", extra={"dataset": "docs"})
-    text = (tmp_path / "README.md").read_text()
-    assert "More Information Needed" not in text
-    card = ModelCard.load(tmp_path / "README.md")
-    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert "No evolution rounds were recorded" in text
-    assert "- dataset: docs" in text
-
-
-class HubStub:
-    """Canned answers for the Hub endpoints ``upload_adapter`` uses; records every request."""
-
-    def __init__(self) -> None:
-        self.requests: list[httpx2.Request] = []
-
-    def __call__(self, request: httpx2.Request) -> httpx2.Response:
-        self.requests.append(request)
-        path = request.url.path
-        if path == "/api/repos/create":
-            return httpx2.Response(200, json={"url": f"https://huggingface.co/{REPO}", "name": REPO, "id": "0"})
-        if path == "/api/validate-yaml":
-            return httpx2.Response(200, json={"errors": [], "warnings": []})
-        if path == f"/api/models/{REPO}/preupload/main":
-            files = json.loads(request.content)["files"]
-            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
-            return httpx2.Response(200, json={"files": modes})
-        if path == f"/api/models/{REPO}/commit/main":
-            oid = "0123456789abcdef0123456789abcdef01234567"
-            return httpx2.Response(
-                200, json={"commitUrl": f"https://huggingface.co/{REPO}/commit/{oid}", "commitOid": oid}
-            )
-        return httpx2.Response(404, json={"error": "not stubbed"})
-
-    def posts(self, suffix: str) -> list[httpx2.Request]:
-        return [r for r in self.requests if r.method == "POST" and r.url.path.endswith(suffix)]
-
-
-@pytest.fixture
-def hub():
-    stub = HubStub()
-    set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(stub)))
-    try:
-        yield stub
-    finally:
-        set_client_factory(default_client_factory)
-
-
-def committed_files(request: httpx2.Request) -> tuple[dict, dict[str, bytes]]:
-    lines = [json.loads(line) for line in request.content.decode().splitlines() if line.strip()]
-    header = next(line["value"] for line in lines if line["key"] == "header")
-    files = {
-        line["value"]["path"]: base64.b64decode(line["value"]["content"])
-        for line in lines
-        if line["key"] == "file" and line["value"].get("encoding") == "base64"
-    }
-    return header, files
-
-
-def test_upload_adapter_sends_our_card_and_the_adapter_files(trained, hub, tmp_path):
-    commit = upload_adapter(trained, REPO, token="hf_dummy_token", private=True, extra={"steps": 6})
-    assert commit.oid == "0123456789abcdef0123456789abcdef01234567"
-
-    # Writes are POSTs to the endpoints below; anything else is a read (PEFT's save_pretrained looks up the base's
-    # config.json on the Hub with a HEAD request to decide whether to save embedding layers).
-    assert {r.method for r in hub.requests} <= {"POST", "HEAD", "GET"}
-    paths = [r.url.path for r in hub.requests if r.method == "POST"]
-    assert paths == [
-        "/api/repos/create",
-        "/api/validate-yaml",
-        f"/api/models/{REPO}/preupload/main",
-        f"/api/models/{REPO}/commit/main",
-    ]
-    create = hub.posts("/api/repos/create")
-    assert len(create) == 1
-    assert json.loads(create[0].content) == {
-        "name": "seft-tiny",
-        "organization": "someone",
-        "visibility": "private",
-        "type": "model",
-    }
-    assert len(hub.posts("/preupload/main")) == 1
-    commits = hub.posts("/commit/main")
-    assert len(commits) == 1
-    for request in create + commits:
-        assert request.headers["authorization"] == "Bearer hf_dummy_token"
-
-    header, files = committed_files(commits[0])
-    assert header["summary"] == "Upload SEFT adapter"
-    assert set(files) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
-    expected_card = model_card_text(trained, extra={"steps": 6})
-    assert files["README.md"].decode() == expected_card
-    assert json.loads(hub.posts("/api/validate-yaml")[0].content)["content"] == expected_card
-    card = ModelCard(files["README.md"].decode())
-    assert card.data.library_name == "peft" and card.data.base_model == "org/tiny-llama-pruned"
-    assert {"seft", "sparse", "peft"} <= set(card.data.tags)
-
-    config = json.loads(files["adapter_config.json"])
-    assert config["peft_type"] == "SEFT" and config["update_interval"] == 2
-    uploaded = load_safetensors(files["adapter_model.safetensors"])
+def test_card_is_kept_when_a_loaded_adapter_is_saved_again(trained, tmp_path):
     trained.save_pretrained(tmp_path, save_embedding_layers=False)
-    local = load_file(tmp_path / "adapter_model.safetensors")
-    assert uploaded.keys() == local.keys()
-    assert all(torch.equal(uploaded[k], local[k]) for k in local)
-    assert any("seft_values" in k for k in uploaded)
+    write_model_card(trained, tmp_path, extra={"dataset": "docs"})
+    first = (tmp_path / "README.md").read_text()
+    base = tiny_llama()
+    prune(base, "magnitude", 0.5, show_progress=False)
+    reloaded = PeftModel.from_pretrained(base, tmp_path)
+    reloaded.save_pretrained(tmp_path, save_embedding_layers=False)  # no rounds in this session, no extra
+    again = (tmp_path / "README.md").read_text()
+    assert "3 evolution rounds (optimizer steps 2 to 6" in again and "- dataset: docs" in again
+    assert ModelCard(again).data.tags == ModelCard(first).data.tags
+
+
+def test_a_local_base_gets_no_hub_tag_and_never_reaches_a_published_card(tmp_path):
+    local = tmp_path / "pruned"
+    local.mkdir()
+    model = seft_model(name=str(local))
+    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.base_model == str(local)  # as PEFT writes it locally (PEFT's own tests check this)
+    assert not any(tag.startswith("base_model:") for tag in card.data.tags)
+    assert "No evolution rounds were recorded" in card.text
+    published = ModelCard(model_card_text(model, base_model="me/pruned", repo_id="me/seft"))
+    assert published.data.base_model == "me/pruned" and str(local) not in published.content
+
+
+def test_local_base_is_refused_before_anything_is_created(hub, tmp_path):
+    local = tmp_path / "pruned"
+    local.mkdir()
+    model = seft_model(name=str(local))
+    with pytest.raises(ValueError, match="local path .* publish the pruned base first"):
+        push_adapter(model, "me/tiny-seft", token=TOKEN)
+    with pytest.raises(ValueError, match="local path"):
+        push_sparse_model(model.get_base_model(), "me/tiny-pruned", base_model=str(local), token=TOKEN)
+    assert hub.requests == [] and hub.repos == {}
+
+
+def test_the_standin_rejects_what_the_hub_rejects(hub):
+    """Without our checks, a local path in base_model fails at the Hub only after the repo was created."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=TOKEN)
+    api.create_repo("me/raw")
+    bad = "---\nbase_model: /home/me/pruned\ntags:\n- base_model:adapter:/home/me/pruned\n---\n"
+    with pytest.raises(ValueError, match='"base_model" with value "/home/me/pruned" is not valid'):
+        api.upload_file(path_or_fileobj=bad.encode(), path_in_repo="README.md", repo_id="me/raw")
+    good = f"---\nbase_model: {DENSE}\ntags:\n- base_model:finetune:{DENSE}\n---\n"
+    api.upload_file(path_or_fileobj=good.encode(), path_in_repo="README.md", repo_id="me/raw")
+    assert hub.metadata_errors("---\nbase_model: someone/unknown\n---\n")  # ids of models the Hub does not have
+
+
+def test_publish_pruned_base_adapter_and_merged_model_and_load_them_in_a_fresh_process(trained, hub, tmp_path):
+    tokenizer = char_tokenizer()
+    base = tiny_llama()
+    prune(base, "magnitude", 0.5, show_progress=False)
+    how = {"pruning": "magnitude, sparsity 0.5"}
+    push_sparse_model(base, "me/tiny-pruned", tokenizer, DENSE, "Tiny Llama, 50 % pruned", how, token=TOKEN)
+    with pytest.raises(ValueError, match="local path|not a Hugging Face Hub repo id"):
+        push_adapter(trained, "me/tiny-seft", base_model="./pruned", token=TOKEN)
+    push_adapter(trained, "me/tiny-seft", base_model="me/tiny-pruned", token=TOKEN, commit_message="SEFT, 6 steps")
+
+    ids = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        merged = copy.deepcopy(trained).merge_and_unload()
+    assert sparsity_report(merged).nonzeros <= sparsity_report(base).nonzeros  # a trained value may be 0
+    push_sparse_model(merged, "me/tiny-seft-merged", tokenizer, DENSE, "Tiny Llama repaired", how, token=TOKEN)
+
+    repo = hub.repos["me/tiny-seft"]
+    assert repo.private is False  # private=None: the owner's default
+    assert repo.commits[-1]["summary"] == "SEFT, 6 steps"
+    assert set(repo.refs["main"]) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
+    config = json.loads(repo.refs["main"]["adapter_config.json"])
+    assert config["base_model_name_or_path"] == "me/tiny-pruned" and config["peft_type"] == "SEFT"
+    card = ModelCard(repo.refs["main"]["README.md"].decode())
+    assert card.data.base_model == "me/tiny-pruned"
+    assert 'AutoPeftModelForCausalLM.from_pretrained("me/tiny-seft")' in card.text
+    merged_card = ModelCard(hub.repos["me/tiny-seft-merged"].refs["main"]["README.md"].decode())
+    assert merged_card.data.base_model == DENSE and merged_card.data.library_name == "transformers"
+    assert "- pruning: magnitude, sparsity 0.5" in merged_card.text
+    pruned_card = ModelCard(hub.repos["me/tiny-pruned"].refs["main"]["README.md"].decode())
+    assert "| model.layers.0.self_attn.q_proj | 32 x 32 | 512 | 50.00% |" in pruned_card.text
+    for files in (repo.refs["main"], hub.repos["me/tiny-pruned"].refs["main"]):
+        assert str(tmp_path) not in b"".join(files.values()).decode(errors="ignore")
+
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": TOKEN}
+    env.pop("HF_HUB_OFFLINE", None)
+    run = subprocess.run(
+        [sys.executable, str(LOADER), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = torch.load(tmp_path / "logits.pt")
+    adapter_diff = (loaded["adapter"] - expected).abs().max().item()
+    merged_diff = (loaded["merged"] - expected).abs().max().item()
+    print(f"max |logits diff| after a fresh-process load: adapter {adapter_diff:.2e}, merged {merged_diff:.2e}")
+    assert adapter_diff < 1e-5 and merged_diff < 1e-4
+    assert loaded["nonzeros"] == sparsity_report(merged).nonzeros
+
+
+def test_visibility_revision_and_pull_request(trained, hub):
+    push_adapter(trained, "me/public", base_model=DENSE, token=TOKEN, private=False)
+    with pytest.raises(ValueError, match="exists and is public; private=True does not change"):
+        push_adapter(trained, "me/public", base_model=DENSE, token=TOKEN, private=True)
+    assert len(hub.repos["me/public"].commits) == 1
+
+    with HubStandIn(known_models=(DENSE,), private_by_default=True) as org:
+        constants.ENDPOINT = org.url
+        push_adapter(trained, "org/default-visibility", base_model=DENSE, token=TOKEN)
+        assert org.repos["org/default-visibility"].private is True
+    constants.ENDPOINT = hub.url
+
+    push_adapter(trained, "me/branches", base_model=DENSE, token=TOKEN, revision="v1")
+    assert set(hub.repos["me/branches"].refs["v1"]) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
+    assert hub.repos["me/branches"].refs["main"] == {}
+    commit = push_adapter(trained, "me/branches", base_model=DENSE, token=TOKEN, create_pr=True)
+    assert commit.pr_url.endswith("/me/branches/discussions/1")
+    assert "adapter_model.safetensors" in hub.repos["me/branches"].refs["refs/pr/1"]
+
+
+def test_card_text_names_the_given_base(trained):
+    text = model_card_text(trained, base_model="HuggingFaceTB/SmolLM2-135M-Instruct", extra={"dataset": "docs"})
+    card = ModelCard(text)
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "- dataset: docs" in text

@@ -1,4 +1,6 @@
-"""notebooks/quickstart.ipynb runs from top to bottom without errors (executed with nbclient in a python3 kernel)."""
+"""notebooks/quickstart.ipynb runs from top to bottom without errors (executed with nbclient in a python3 kernel):
+train, prune, repair, save and reload, merge, publish to the local Hub stand-in and load from it in a fresh process.
+The committed notebook holds the outputs of such a run."""
 
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     )
     assert "same non-zeros in every layer as the pruned model: True" in outputs
     assert "held-out perplexity repaired" in outputs
+    assert "max |logits difference| after reloading into a fresh model: 0.00e+00" in outputs
+    assert "Published the SEFT adapter: me/tiny-llama-wanda50-seft (base_model me/tiny-llama-wanda50)" in outputs
+    assert "max |logits difference| of a fresh process loading from the (stand-in) Hub: 0.00e+00" in outputs
     assert not any(
         output.get("output_type") == "error" for cell in notebook.cells for output in cell.get("outputs", [])
     )
