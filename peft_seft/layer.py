@@ -15,6 +15,7 @@ written back bit-exactly whenever the adapter is disabled, unmerged, unloaded or
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -56,6 +57,7 @@ class SEFTLayer(BaseTunerLayer):
         self.kwargs = kwargs
         # In-place bookkeeping: which state is written into the base weight, and the originals to restore.
         self._applied_key: tuple | None = None
+        self._applied_versions: tuple | None = None  # the values' versions written into the base weight
         self._touched_positions: torch.Tensor | None = None
         self._original_values: torch.Tensor | None = None
         self._pattern_cache: dict[str, tuple[tuple, SamplePattern]] = {}
@@ -123,14 +125,25 @@ class SEFTLayer(BaseTunerLayer):
             storage = self._weight_storage()
             storage[self._touched_positions.to(storage.device)] = self._original_values.to(storage)
         self._touched_positions = self._original_values = None
-        self._applied_key = None
+        self._applied_key = self._applied_versions = None
 
-    def _apply_adapters(self, adapter_names: list[str]) -> None:
-        """Make the base weight hold W for these adapters (one rewrite of O(K) values per call)."""
-        key = tuple(
+    def _adapter_key(self, adapter_names: list[str]) -> tuple:
+        return tuple(
             (name, *(self._tensor_key(t) for t in (self.seft_indices[name], self.seft_pruned[name])))
             for name in adapter_names
         )
+
+    def _values_versions(self, adapter_names: list[str]) -> tuple:
+        return tuple(self.seft_values[name]._version for name in adapter_names)
+
+    def _weight_state(self) -> tuple:
+        """What the base weight holds now: which adapters' W (None: W0), and the weight tensor's identity."""
+        weight = self.get_base_layer().weight
+        return (self._applied_key, self._applied_versions, weight.data_ptr(), weight._version, weight.dtype)
+
+    def _apply_adapters(self, adapter_names: list[str]) -> None:
+        """Make the base weight hold W for these adapters (one rewrite of O(K) values per call)."""
+        key = self._adapter_key(adapter_names)
         storage = self._weight_storage()
         if key != self._applied_key:
             self._restore_base_weight()
@@ -141,8 +154,16 @@ class SEFTLayer(BaseTunerLayer):
             self._touched_positions = self._storage_positions(touched).unique()
             self._original_values = storage[self._touched_positions].clone()
             self._applied_key = key
-        storage[self._touched_positions] = self._original_values
+        storage[self._touched_positions] = self._original_values.to(storage)
         self._write_adapters(storage, adapter_names)
+        self._applied_versions = self._values_versions(adapter_names)
+
+    def _hold_weight_of(self, adapter_names: list[str]) -> None:
+        """Make the base weight hold W for these adapters, or W0 for none."""
+        if adapter_names:
+            self._apply_adapters(adapter_names)
+        else:
+            self._restore_base_weight()
 
     def _write_adapters(self, storage: torch.Tensor, adapter_names: list[str]) -> None:
         """Turn a flat copy of W0 (storage order) into W: zero P, then add delta at T (summed in fp32)."""
@@ -335,7 +356,7 @@ class SEFTLayer(BaseTunerLayer):
         if not self.merged:  # also when none of `adapter_names` is on this layer: drop the in-place W of forward
             self._restore_base_weight()
         # Whatever the base weight holds now is kept: forget the originals.
-        self._touched_positions = self._original_values = self._applied_key = None
+        self._touched_positions = self._original_values = self._applied_key = self._applied_versions = None
         return self.get_base_layer()
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -375,16 +396,18 @@ class SEFTLinear(nn.Module, SEFTLayer):
             self.unmerge()
         self._warn_once_about_hooks()
         names = [] if self.disable_adapters else self._active_seft_adapters()
-        if names:
-            self._apply_adapters(names)
-        else:
-            self._restore_base_weight()
+        self._hold_weight_of(names)
         base = self.get_base_layer()
         values = [self.seft_values[name] for name in names]
         patterns = [self.sample_pattern(name) for name in names]
         weight = logical_weight(base)
         collector = self.gradient_collector if names else None
-        return seft_linear(x, weight, base.bias, values, patterns, collector)
+        out = seft_linear(x, weight, base.bias, values, patterns, collector)
+        if out.grad_fn is not None:
+            # Backward reads the base weight again: anything between forward and backward (a reference forward under
+            # disable_adapter, a state_dict, another adapter's forward) may have written another W there.
+            out.grad_fn.register_prehook(functools.partial(_weight_of_forward, self, names, self._weight_state()))
+        return out
 
     def _warn_once_about_hooks(self) -> None:
         base = self.get_base_layer()
@@ -398,6 +421,18 @@ class SEFTLinear(nn.Module, SEFTLayer):
 
     def __repr__(self) -> str:
         return "seft." + super().__repr__()
+
+
+def _weight_of_forward(layer: SEFTLinear, names: list[str], state: tuple, grad_outputs: tuple) -> None:
+    """Backward pre-hook: make the base weight hold the W this forward used again (O(K)) if it was overwritten."""
+    if layer._weight_state() == state:
+        return
+    if names and (layer._adapter_key(names), layer._values_versions(names)) != state[:2]:
+        raise RuntimeError(
+            f"The SEFT adapter(s) {names} changed (values or positions) between a forward and its backward; "
+            "call backward before optimizer.step() or any other in-place change of the adapter."
+        )
+    layer._hold_weight_of(names)
 
 
 def _show_base_weight_in_state_dict(module: SEFTLinear, prefix: str, keep_vars: bool) -> None:

@@ -221,3 +221,46 @@ def test_full_state_dict_holds_the_base_weight_not_the_in_place_one(input_ids):
     rebuilt = get_peft_model(tiny_llama(), SEFTConfig(density=0.05))
     rebuilt.load_state_dict(state)
     torch.testing.assert_close(outputs(rebuilt, input_ids), expected, rtol=0, atol=0)
+
+
+def _gradients_with(model, input_ids, between) -> torch.Tensor:
+    model.zero_grad()
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    between()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+def test_backward_uses_the_weight_of_its_forward(tmp_path, input_ids):
+    """Whatever writes another W (or W0) into the base weights between a forward and its backward, the gradients are
+    those of the forward's W, bit for bit."""
+    model = get_peft_model(tiny_llama(), SEFTConfig(density=0.05, init_weights=False))
+    model.add_adapter("other", SEFTConfig(density=0.05, init_weights=False))
+
+    def reference_forward():  # what DPO's implicit reference model does
+        with torch.no_grad(), model.disable_adapter():
+            model(input_ids=input_ids)
+
+    def other_adapter_forward():
+        model.base_model.set_adapter("other")
+        with torch.no_grad():
+            model(input_ids=input_ids)
+        model.base_model.set_adapter("default")
+
+    undisturbed = _gradients_with(model, input_ids, lambda: None)
+    save = lambda: model.save_pretrained(tmp_path)  # noqa: E731
+    for between in (reference_forward, model.state_dict, save, other_adapter_forward):
+        assert torch.equal(_gradients_with(model, input_ids, between), undisturbed)
+
+
+def test_changing_the_adapter_between_forward_and_backward_is_an_error(input_ids):
+    model = get_peft_model(tiny_llama(), SEFTConfig(density=0.05, init_weights=False))
+
+    def step_and_reference():
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+            with model.disable_adapter():
+                model(input_ids=input_ids)
+
+    with pytest.raises(RuntimeError, match="changed .* between a forward and its backward"):
+        _gradients_with(model, input_ids, step_and_reference)

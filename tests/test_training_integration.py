@@ -484,3 +484,52 @@ def test_plain_loop_static_delta_needs_no_total_steps():
     after = adapter_snapshot(model)
     assert all(torch.equal(before[n]["indices"], after[n]["indices"]) for n in before)
     assert any(after[n]["values"].any() for n in after)
+
+
+def dpo_run(output_dir, precompute_ref_log_probs: bool) -> tuple[dict, list[float]]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    data = Dataset.from_dict(
+        {
+            "prompt": ["the quick ", "sparse models ", "hello ", "pruned "] * 2,
+            "chosen": ["brown fox", "can be repaired", "world", "weights"] * 2,
+            "rejected": ["lazy cat", "are broken", "there", "values"] * 2,
+        }
+    )
+    keys = ("use_cpu", "bf16", "max_steps", "per_device_train_batch_size", "learning_rate", "lr_scheduler_type")
+    common = {key: value for key, value in sft_args(str(output_dir)).to_dict().items() if key in keys}
+    args = DPOConfig(
+        output_dir=str(output_dir),
+        **{**common, "max_steps": 6},
+        gradient_checkpointing=False,
+        precompute_ref_log_probs=precompute_ref_log_probs,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    trainer = DPOTrainer(
+        model=tiny_pruned_llama(),
+        ref_model=None,
+        args=args,
+        train_dataset=data,
+        processing_class=char_tokenizer(),
+        peft_config=seft_config(initial_drop_rate=0.0),
+    )
+    trainer.train()
+    return adapter_snapshot(trainer.model), [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def test_dpo_implicit_reference_matches_precomputed_reference(tmp_path):
+    """DPOTrainer(ref_model=None) runs the reference forward under disable_adapter between the policy's forward and
+    backward; training must match a run whose reference log-probs were computed before training."""
+    implicit, implicit_losses = dpo_run(tmp_path / "implicit", precompute_ref_log_probs=False)
+    precomputed, precomputed_losses = dpo_run(tmp_path / "precomputed", precompute_ref_log_probs=True)
+    assert len(implicit_losses) == 6
+    torch.testing.assert_close(implicit_losses, precomputed_losses, rtol=0, atol=1e-6)
+    for name, state in implicit.items():
+        assert state["values"].abs().max() > 1e-3  # trained
+        torch.testing.assert_close(state["values"], precomputed[name]["values"], rtol=0, atol=1e-5)
