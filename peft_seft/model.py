@@ -75,13 +75,20 @@ class SEFTModel(BaseTuner):
     @staticmethod
     def _check_target_module_exists(config: SEFTConfig, key: str):
         found = check_target_module_exists(config, key)
-        if found and isinstance(config.target_modules, str) and config.layers_to_transform is not None:
-            # PEFT applies layers_to_transform / layers_pattern to lists of names only, but SEFT's default target is
-            # a regex: check a matched module again as a list target, which applies PEFT's own layer filter.
+        if found and config.layers_to_transform is not None:
+            # PEFT applies layers_to_transform / layers_pattern to suffixes only, not to a regex (SEFT's default target)
+            # nor to the exact names 'all-linear' expands to: check a matched module again as a suffix target, which
+            # applies PEFT's own layer filter. The budget split and the injection both go through here.
             probe = copy.copy(config)
             probe.target_modules = {key.rsplit(".", 1)[-1]}
             found = check_target_module_exists(probe, key)
         return found
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # BaseTuner's version assigns `child.weight` to a new module without `base_layer`, which fails when unloading
+        # a TrainableTokensWrapper (its `weight` is computed). SEFT layers are built on their base weight's device, so
+        # the replacement is all that is needed (as in LoraModel).
+        setattr(parent, child_name, new_module)
 
     def _create_and_replace(
         self,

@@ -10,13 +10,21 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from safetensors.torch import load_file
-from transformers import LlamaForCausalLM
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BartConfig,
+    BertConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+)
 
 import peft_seft
 from peft_seft import SEFTConfig, SEFTLayer
 from peft_seft.evolution import structural_active_count
 from peft_seft.sparsity import logical_weight
-from tests.conftest import TINY_MODELS, nonzeros_per_layer, tiny_llama
+from tests.conftest import TINY_MODELS, VOCAB, nonzeros_per_layer, tiny_llama
 
 
 def outputs(model, input_ids):
@@ -264,3 +272,77 @@ def test_changing_the_adapter_between_forward_and_backward_is_an_error(input_ids
 
     with pytest.raises(RuntimeError, match="changed .* between a forward and its backward"):
         _gradients_with(model, input_ids, step_and_reference)
+
+
+@pytest.mark.parametrize("num_layers", [2, 3])  # 3 layers: over 20 target names, which PEFT shortens to suffixes
+def test_all_linear_with_layers_to_transform_adapts_exactly_those_layers(tmp_path, input_ids, num_layers):
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    seft = SEFTConfig(target_modules="all-linear", layers_to_transform=[1], num_trainable=300, init_weights=False)
+    model = get_peft_model(LlamaForCausalLM(config), seft)
+    names = set(seft_layers(model))
+    assert len(names) == 7 and all(".layers.1." in name for name in names)
+    assert model.get_nb_trainable_parameters()[0] == 300
+    expected = outputs(model, input_ids)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM(config), tmp_path)
+    assert set(seft_layers(loaded)) == names
+    torch.testing.assert_close(outputs(loaded, input_ids), expected, rtol=0, atol=0)
+
+
+def _tiny_base(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    small = {"vocab_size": VOCAB}
+    configs = {
+        "bert": BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32, **small),
+        "bart": BartConfig(
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            **small,
+        ),
+        "t5": T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0, **small),
+        "llama": LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, **small),
+    }
+    model_cls = AutoModelForCausalLM if kind == "llama" else AutoModel
+    return model_cls.from_config(configs[kind]).eval()
+
+
+def _any_outputs(model, input_ids) -> torch.Tensor:
+    kwargs = {"decoder_input_ids": input_ids[:, :5]} if model.config.is_encoder_decoder else {}
+    out = model(input_ids=input_ids, **kwargs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("kind", ["bert", "bart", "t5", "llama"])  # encoder, encoder-decoders, decoder
+def test_trainable_tokens_unload_and_merge(kind, input_ids):
+    originals = {name: p.detach().clone() for name, p in _tiny_base(kind).named_parameters()}
+    base_out = _any_outputs(_tiny_base(kind), input_ids)
+
+    def adapted():
+        model = get_peft_model(_tiny_base(kind), SEFTConfig(trainable_token_indices=[0, 1, 3], init_weights=False))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "trainable_tokens_delta" in name:
+                    param.normal_(0, 1.0)
+        return model
+
+    model = adapted()
+    expected = _any_outputs(model, input_ids)
+    assert not torch.allclose(expected, base_out)
+    merged = model.merge_and_unload()
+    assert not seft_layers(merged) and "trainable_tokens" not in str(merged)
+    torch.testing.assert_close(_any_outputs(merged, input_ids), expected, rtol=1e-5, atol=1e-5)
+
+    unloaded = adapted().unload()
+    assert "trainable_tokens" not in str(unloaded)
+    for name, param in unloaded.named_parameters():
+        assert torch.equal(param, originals[name]), name  # bit-exact; T5's outputs still vary at float noise level
+    torch.testing.assert_close(_any_outputs(unloaded, input_ids), base_out, rtol=1e-5, atol=1e-6)
