@@ -64,6 +64,10 @@ class SEFTLayer(BaseTunerLayer):
         self.gradient_collector: GradientCollector | None = None
         self._windows: dict[str, GradientWindow] = {}
         self._nm_patterns: dict[str, tuple[int, int]] = {}  # adapter -> (N, M) when its config has a pattern
+        # On the base layer itself, so that `base_layer.state_dict()` (and every state dict containing it) holds W0.
+        self._state_dict_hook = base_layer.register_state_dict_pre_hook(
+            functools.partial(_show_base_weight_in_state_dict, self)
+        )
 
     # ---- adapter state -------------------------------------------------------------------------------
 
@@ -357,6 +361,7 @@ class SEFTLayer(BaseTunerLayer):
             self._restore_base_weight()
         # Whatever the base weight holds now is kept: forget the originals.
         self._touched_positions = self._original_values = self._applied_key = self._applied_versions = None
+        self._state_dict_hook.remove()
         return self.get_base_layer()
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -387,7 +392,13 @@ class SEFTLinear(nn.Module, SEFTLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, num_trainable, kwargs.get("layer_name", ""))
         self._warned_about_hooks = False
-        self.register_state_dict_pre_hook(_show_base_weight_in_state_dict)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Casts and moves (`.to(bf16)`, `.half()`, `.cuda()`) convert the base weight, which may hold W in place: the
+        # kept originals follow, so that restoring writes the converted W0.
+        if self._touched_positions is not None:
+            self._touched_positions, self._original_values = fn(self._touched_positions), fn(self._original_values)
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged and not self.disable_adapters:
@@ -435,11 +446,11 @@ def _weight_of_forward(layer: SEFTLinear, names: list[str], state: tuple, grad_o
     layer._hold_weight_of(names)
 
 
-def _show_base_weight_in_state_dict(module: SEFTLinear, prefix: str, keep_vars: bool) -> None:
+def _show_base_weight_in_state_dict(layer: SEFTLinear, base_layer: nn.Module, prefix: str, keep_vars: bool) -> None:
     # A state dict must hold W0, not the W the last forward wrote in place: a full model state dict loaded into a
     # fresh model would otherwise apply the adapter twice. The next forward writes W again (O(K)).
-    if not module.merged:
-        module._restore_base_weight()
+    if not layer.merged:
+        layer._restore_base_weight()
 
 
 def check_nm_pattern(weight: torch.Tensor, pattern: str, layer_name: str) -> None:

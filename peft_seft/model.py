@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections import defaultdict
+from collections.abc import Iterable
 
 import torch
 from peft.tuners.tuners_utils import (
@@ -42,6 +44,7 @@ class SEFTModel(BaseTuner):
             config.target_modules = default_target_pattern(model)
         _maybe_include_all_linear_layers(config, model)
         self._layer_budgets = self._split_budget(model, config)
+        refuse_tied_targets(model, self._layer_budgets)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _post_injection_hook(self, model: nn.Module, config: SEFTConfig, adapter_name: str) -> None:
@@ -136,6 +139,23 @@ class SEFTModel(BaseTuner):
             if isinstance(hook, functools.partial) and hook.func is _evolution_before_forward:
                 del model._forward_pre_hooks[key]
         return model
+
+
+def refuse_tied_targets(model: nn.Module, targets: Iterable[str]) -> None:
+    """Refuse a target whose weight is shared with another module (e.g. an LM head tied to the input embeddings):
+    the in-place W would change the other module too."""
+    names_of = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of[id(param)].append(name)
+    for target in targets:
+        weight = model.get_submodule(target).weight
+        tied = [name for name in names_of[id(weight)] if not name.startswith(f"{target}.")]
+        if tied:
+            raise ValueError(
+                f"SEFT cannot adapt {target}: its weight is tied to {', '.join(tied)}. SEFT writes the effective "
+                f"weight into the base weight in place, which would change the tied module too. Exclude {target} "
+                "(exclude_modules) or untie the weights first (e.g. load the model with tie_word_embeddings=False)."
+            )
 
 
 def _evolution_before_forward(evolution: Evolution, module: nn.Module, args: tuple) -> None:

@@ -346,3 +346,43 @@ def test_trainable_tokens_unload_and_merge(kind, input_ids):
     for name, param in unloaded.named_parameters():
         assert torch.equal(param, originals[name]), name  # bit-exact; T5's outputs still vary at float noise level
     torch.testing.assert_close(_any_outputs(unloaded, input_ids), base_out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half()], ids=["bf16", "half"])
+@pytest.mark.parametrize("merged", [False, True])
+def test_cast_after_a_forward_equals_cast_before(input_ids, cast, merged):
+    def model_with_adapter():
+        torch.manual_seed(3)
+        model = get_peft_model(tiny_llama(), SEFTConfig(density=0.05, init_weights=False, random_seed=0))
+        return model
+
+    untouched = cast(model_with_adapter())
+    used = model_with_adapter()
+    outputs(used, input_ids)  # writes W into the fp32 base weights
+    if merged:
+        used.merge_adapter()
+    used = cast(used)
+    if merged:
+        used.unmerge_adapter()
+    torch.testing.assert_close(outputs(used, input_ids), outputs(untouched, input_ids), rtol=0, atol=0)
+    with used.disable_adapter(), untouched.disable_adapter():
+        for (name, a), b in zip(used.named_parameters(), untouched.parameters(), strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_base_layer_state_dict_holds_w0(input_ids):
+    model = get_peft_model(tiny_llama(), SEFTConfig(density=0.05, init_weights=False))
+    outputs(model, input_ids)
+    for layer in seft_layers(model).values():
+        assert torch.equal(layer.get_base_layer().state_dict()["weight"], layer.effective_weight([]))
+
+
+def test_tied_target_is_refused_naming_the_tie():
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    with pytest.raises(
+        ValueError, match=r"SEFT cannot adapt lm_head: its weight is tied to model\.embed_tokens\.weight"
+    ):
+        get_peft_model(model, SEFTConfig(target_modules=["lm_head", "q_proj"]))
+    assert not seft_layers(model)

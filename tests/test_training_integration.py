@@ -533,3 +533,14 @@ def test_dpo_implicit_reference_matches_precomputed_reference(tmp_path):
     for name, state in implicit.items():
         assert state["values"].abs().max() > 1e-3  # trained
         torch.testing.assert_close(state["values"], precomputed[name]["values"], rtol=0, atol=1e-5)
+
+
+def test_bf16_full_eval_after_training(tmp_path):
+    """Trainer(bf16_full_eval=True).evaluate() after train() casts the model to bf16 after forwards wrote W in place:
+    evaluation runs (it raised a dtype error) with a sane loss."""
+    trainer = make_trainer(tmp_path, seft_config(), max_steps=6, bf16_full_eval=True, per_device_eval_batch_size=4)
+    trainer.eval_dataset = trainer.train_dataset.select(range(8))
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert trainer.model.dtype == torch.bfloat16 and torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert metrics["eval_loss"] < 5.0
