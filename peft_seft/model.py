@@ -17,10 +17,11 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .config import SEFTConfig
-from .fingerprint import fingerprint_mismatch, weight_fingerprint
+from .fingerprint import trained_checksum, with_trained_checksum
 from .layer import SEFTLayer, SEFTLinear
 from .targets import default_target_pattern, is_linear
 from .training import Evolution
+from .validation import AdapterValidationError, validate_adapter_state
 from .window import GradientWindow
 
 
@@ -119,6 +120,11 @@ class SEFTModel(BaseTuner):
         # Saved inside a gradient window (a mid-window checkpoint): add the window's O(K) statistics so that resuming
         # continues exactly. Outside a window nothing is added.
         for name, module in model.named_modules():
+            key = f"{name}.seft_fingerprint.{adapter_name}"
+            if isinstance(module, SEFTLayer) and key in to_return:  # with the sum of W0 * delta at T (fingerprint.py)
+                values = module.seft_values[adapter_name]
+                checksum = trained_checksum(module.base_values_at(module.seft_indices[adapter_name]), values)
+                to_return[key] = with_trained_checksum(to_return[key], checksum)
             if isinstance(module, SEFTLayer) and adapter_name in module._windows:
                 for key, value in module._windows[adapter_name].state_dict().items():
                     to_return[f"{name}.{WINDOW_KEY}.{adapter_name}.{key}"] = value
@@ -127,7 +133,12 @@ class SEFTModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_fits_base(model, adapter_name, remapped)
+        try:
+            validate_adapter_state(model, adapter_name, remapped)
+        except AdapterValidationError:
+            discard_adapter(model, adapter_name)
+            raise
+        keep_current_fingerprints(model, adapter_name, remapped)
         restore_windows(model, config, adapter_name, remapped)
         return remapped
 
@@ -181,24 +192,20 @@ def restore_windows(model: nn.Module, config: SEFTConfig, adapter_name: str, sta
         module.restore_window(adapter_name, window)
 
 
-def check_adapter_fits_base(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-    """Fail loudly (before anything is loaded) when a SEFT state dict was made for another base model."""
-    problems = []
+def keep_current_fingerprints(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """After validation, keep the fingerprint of the base the adapter is now on (an adapter saved in another dtype or
+    in the older five-number format then loads as well)."""
     for name, module in model.named_modules():
-        if not isinstance(module, SEFTLayer) or adapter_name not in module.seft_fingerprint:
-            continue
-        saved = state_dict.get(f"{name}.seft_fingerprint.{adapter_name}")
-        if saved is None:
-            problems.append(f"{name}: the adapter has no entry for this layer")
-            continue
-        # The base as it is without any adapter applied (the layer may hold W in place right now).
-        mismatch = fingerprint_mismatch(saved, weight_fingerprint(module.effective_weight([])))
-        if mismatch:
-            problems.append(f"{name}: {mismatch}")
-    if problems:
-        shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ValueError(
-            f"This SEFT adapter does not fit the base model it is being loaded onto ({len(problems)} layer(s)):\n  "
-            f"{shown}\nLoad it onto the (pruned) base model it was trained on; its name is in adapter_config.json "
-            "(base_model_name_or_path)."
-        )
+        if isinstance(module, SEFTLayer) and adapter_name in module.seft_fingerprint:
+            state_dict[f"{name}.seft_fingerprint.{adapter_name}"] = module.seft_fingerprint[adapter_name].clone()
+
+
+def discard_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Undo the injection of an adapter whose file failed validation, so that the base model is as it was."""
+    tuner = next((module for module in model.modules() if isinstance(module, SEFTModel)), None)
+    if tuner is None or adapter_name not in tuner.peft_config:
+        return
+    if list(tuner.peft_config) == [adapter_name]:
+        tuner._unload_and_optionally_merge(merge=False)
+    else:
+        tuner.delete_adapter(adapter_name)
