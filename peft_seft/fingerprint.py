@@ -43,7 +43,8 @@ def _float_bits(*values: float) -> list[int]:
 
 
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
-    """The fingerprint of an (out, in) weight (see the module docstring); field 9 is 0 until the adapter is saved."""
+    """The fingerprint of an (out, in) weight (see the module docstring); field 9 is NaN (unknown) until the adapter
+    is saved."""
     flat = weight.detach().reshape(-1)
     abs_sum = square_sum = weighted = 0.0
     hashes = [0, 0]
@@ -60,7 +61,7 @@ def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     count = int(torch.count_nonzero(flat))
     header = [weight.shape[0], weight.shape[1], count]
     fields = header + _float_bits(abs_sum, square_sum) + [mantissa_bits(weight.dtype)] + hashes
-    return torch.tensor(fields + _float_bits(weighted, 0.0), dtype=torch.int64)
+    return torch.tensor(fields + _float_bits(weighted, math.nan), dtype=torch.int64)
 
 
 def trained_checksum(base_at_indices: torch.Tensor, values: torch.Tensor) -> float:
@@ -117,6 +118,8 @@ def trained_checksum_mismatch(
     if saved.numel() == LEGACY_FINGERPRINT_SIZE:
         return None
     (expected,) = _floats(saved.cpu(), 9)
+    if math.isnan(expected):  # not recorded (a state dict taken without SEFTModel._get_adapter_state_dict)
+        return None
     found = trained_checksum(base_at_indices, values)
     # Worst-case rounding of a dtype change: each W0[t] moves by at most 2^-bits of itself.
     bits = min(int(saved[5]), mantissa_bits(base_dtype))

@@ -11,7 +11,14 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_seft import SEFTConfig, SEFTLayer
-from peft_seft.fingerprint import fingerprint_mismatch, weight_fingerprint
+from peft_seft.fingerprint import (
+    ALREADY_MERGED,
+    fingerprint_mismatch,
+    trained_checksum,
+    trained_checksum_mismatch,
+    weight_fingerprint,
+    with_trained_checksum,
+)
 from peft_seft.validation import AdapterValidationError
 from tests.conftest import nonzeros_per_layer, tiny_llama
 from tests.test_validation import evolve_by_hand_
@@ -146,3 +153,15 @@ def test_adapter_for_other_layers_is_refused(tmp_path, saved_layers, loaded_laye
     get_peft_model(tiny_llama_layers(saved_layers), SEFTConfig(density=0.05)).save_pretrained(tmp_path)
     with pytest.raises(AdapterValidationError, match=match):
         PeftModel.from_pretrained(tiny_llama_layers(loaded_layers), tmp_path)
+
+
+def test_trained_checksum_is_checked_only_once_recorded():
+    weight = sparse_weight(8, 8, seed=1)
+    positions = (weight.reshape(-1) != 0).nonzero().squeeze(1)[:5]
+    base_at, values = weight.reshape(-1)[positions], torch.full((5,), 0.5)
+    unrecorded = weight_fingerprint(weight)  # as built at injection: field 9 unknown
+    assert trained_checksum_mismatch(unrecorded, base_at + values, values, torch.float32) is None
+    recorded = with_trained_checksum(unrecorded, trained_checksum(base_at, values))
+    assert trained_checksum_mismatch(recorded, base_at, values, torch.bfloat16) is None
+    assert trained_checksum_mismatch(recorded, base_at + values, values, torch.float32) == ALREADY_MERGED
+    assert "differ" in trained_checksum_mismatch(recorded, base_at * 1.5, values, torch.float32)
