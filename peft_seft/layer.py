@@ -10,7 +10,8 @@ Per adapter the layer holds (all in the logical (out, in) orientation, flat inde
 
 The effective weight ``W = (W0 with P zeroed) + scatter(T, delta)`` is written into the base weight in
 place before each forward; only the O(K) original values at the touched positions are kept, and they are
-written back bit-exactly whenever the adapter is disabled, unmerged, unloaded or deleted.
+written back bit-exactly whenever the adapter is disabled, unmerged, unloaded or deleted (or a state dict is taken).
+A backward whose forward's W was overwritten in between writes it again first (``_weight_of_forward``).
 """
 
 from __future__ import annotations
