@@ -24,8 +24,9 @@ import torch
 FINGERPRINT_SIZE = 10
 LEGACY_FINGERPRINT_SIZE = 5
 EXACT_RTOL = 1e-9  # same dtype on both sides: only the float64 summation order differs
-_PRIME = 2**31 - 1
-_MULTIPLIERS = (1_103_515_245, 69_069, 2_147_483_629)  # < _PRIME; position * multiplier stays below 2^63
+_MASK32 = 2**32 - 1
+_HASH_MODULUS = 2**61 - 1
+_SEEDS = (0x9E3779B9, 0x7F4A7C15, 0x2545F491)  # two position hashes, then the weights u(p)
 _CHUNK = 1 << 22
 ALREADY_MERGED = "the base already holds this adapter merged (load the adapter onto the base it was trained on)"
 
@@ -34,8 +35,13 @@ def mantissa_bits(dtype: torch.dtype) -> int:
     return round(-math.log2(torch.finfo(dtype).eps))
 
 
-def _position_hash(positions: torch.Tensor, multiplier: int) -> torch.Tensor:
-    return (positions * multiplier + 12_345) % _PRIME
+def _mix(positions: torch.Tensor, seed: int) -> torch.Tensor:
+    """A 32-bit integer hash of each position (xor-shift-multiply rounds; int64 arithmetic never overflows)."""
+    x = positions + seed
+    x = (x ^ (x >> 32)) & _MASK32
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
 
 
 def _float_bits(*values: float) -> list[int]:
@@ -53,11 +59,11 @@ def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(start, start + chunk.numel(), device=chunk.device)
         abs_sum += float(chunk.abs().sum())
         square_sum += float((chunk * chunk).sum())
-        weights = _position_hash(positions, _MULTIPLIERS[2]).double() * (2.0 / _PRIME) - 1.0
+        weights = _mix(positions, _SEEDS[2]).double() * (2.0 / _MASK32) - 1.0
         weighted += float((chunk * weights).sum())
         nonzero = positions[chunk != 0]
         for i in range(2):
-            hashes[i] = (hashes[i] + int(_position_hash(nonzero, _MULTIPLIERS[i]).sum())) % _PRIME
+            hashes[i] = (hashes[i] + int(_mix(nonzero, _SEEDS[i]).sum())) % _HASH_MODULUS
     count = int(torch.count_nonzero(flat))
     header = [weight.shape[0], weight.shape[1], count]
     fields = header + _float_bits(abs_sum, square_sum) + [mantissa_bits(weight.dtype)] + hashes

@@ -165,3 +165,12 @@ def test_trained_checksum_is_checked_only_once_recorded():
     assert trained_checksum_mismatch(recorded, base_at, values, torch.bfloat16) is None
     assert trained_checksum_mismatch(recorded, base_at + values, values, torch.float32) == ALREADY_MERGED
     assert "differ" in trained_checksum_mismatch(recorded, base_at * 1.5, values, torch.float32)
+
+
+def test_moves_that_keep_the_sum_of_positions_are_seen():
+    """Two non-zeros moved by +1 and -1 keep the count, the sums of values and the sum of positions."""
+    weight = torch.zeros(4, 8)
+    weight[0, 2] = weight[3, 5] = 0.5
+    moved = torch.zeros(4, 8)
+    moved[0, 3] = moved[3, 4] = 0.5
+    assert fingerprint_mismatch(weight_fingerprint(weight), weight_fingerprint(moved)) is not None
