@@ -64,7 +64,10 @@ class SEFTConfig(PeftConfig):
     )
     layers_to_transform: list[int] | int | None = field(
         default=None,
-        metadata={"help": "Only adapt the blocks with these indices (default: all blocks)."},
+        metadata={
+            "help": "Only adapt the blocks with these indices (default: all blocks); applies to the default targets, "
+            "to lists and to 'all-linear', and the budget is split over the adapted layers only."
+        },
     )
     layers_pattern: list[str] | str | None = field(
         default=None,

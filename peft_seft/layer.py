@@ -10,7 +10,8 @@ Per adapter the layer holds (all in the logical (out, in) orientation, flat inde
 
 The effective weight ``W = (W0 with P zeroed) + scatter(T, delta)`` is written into the base weight in
 place before each forward; only the O(K) original values at the touched positions are kept, and they are
-written back bit-exactly whenever the adapter is disabled, unmerged, unloaded or deleted.
+written back bit-exactly whenever the adapter is disabled, unmerged, unloaded or deleted (or a state dict is taken).
+A backward whose forward's W was overwritten in between writes it again first (``_weight_of_forward``).
 """
 
 from __future__ import annotations
@@ -57,12 +58,17 @@ class SEFTLayer(BaseTunerLayer):
         self.kwargs = kwargs
         # In-place bookkeeping: which state is written into the base weight, and the originals to restore.
         self._applied_key: tuple | None = None
+        self._applied_versions: tuple | None = None  # the values' versions written into the base weight
         self._touched_positions: torch.Tensor | None = None
         self._original_values: torch.Tensor | None = None
         self._pattern_cache: dict[str, tuple[tuple, SamplePattern]] = {}
         self._windows: dict[str, GradientWindow] = {}
         self._window_patterns: dict[str, SamplePattern] = {}  # the sampled-gradient pattern of each window's candidates
         self._nm_patterns: dict[str, tuple[int, int]] = {}  # adapter -> (N, M) when its config has a pattern
+        # On the base layer itself, so that `base_layer.state_dict()` (and every state dict containing it) holds W0.
+        self._state_dict_hook = base_layer.register_state_dict_pre_hook(
+            functools.partial(_show_base_weight_in_state_dict, self)
+        )
 
     # ---- adapter state -------------------------------------------------------------------------------
 
@@ -124,14 +130,25 @@ class SEFTLayer(BaseTunerLayer):
             storage = self._weight_storage()
             storage[self._touched_positions.to(storage.device)] = self._original_values.to(storage)
         self._touched_positions = self._original_values = None
-        self._applied_key = None
+        self._applied_key = self._applied_versions = None
 
-    def _apply_adapters(self, adapter_names: list[str]) -> None:
-        """Make the base weight hold W for these adapters (one rewrite of O(K) values per call)."""
-        key = tuple(
+    def _adapter_key(self, adapter_names: list[str]) -> tuple:
+        return tuple(
             (name, *(self._tensor_key(t) for t in (self.seft_indices[name], self.seft_pruned[name])))
             for name in adapter_names
         )
+
+    def _values_versions(self, adapter_names: list[str]) -> tuple:
+        return tuple(self.seft_values[name]._version for name in adapter_names)
+
+    def _weight_state(self) -> tuple:
+        """What the base weight holds now: which adapters' W (None: W0), and the weight tensor's identity."""
+        weight = self.get_base_layer().weight
+        return (self._applied_key, self._applied_versions, weight.data_ptr(), weight._version, weight.dtype)
+
+    def _apply_adapters(self, adapter_names: list[str]) -> None:
+        """Make the base weight hold W for these adapters (one rewrite of O(K) values per call)."""
+        key = self._adapter_key(adapter_names)
         storage = self._weight_storage()
         if key != self._applied_key:
             self._restore_base_weight()
@@ -142,8 +159,16 @@ class SEFTLayer(BaseTunerLayer):
             self._touched_positions = self._storage_positions(touched).unique()
             self._original_values = storage[self._touched_positions].clone()
             self._applied_key = key
-        storage[self._touched_positions] = self._original_values
+        storage[self._touched_positions] = self._original_values.to(storage)
         self._write_adapters(storage, adapter_names)
+        self._applied_versions = self._values_versions(adapter_names)
+
+    def _hold_weight_of(self, adapter_names: list[str]) -> None:
+        """Make the base weight hold W for these adapters, or W0 for none."""
+        if adapter_names:
+            self._apply_adapters(adapter_names)
+        else:
+            self._restore_base_weight()
 
     def _write_adapters(self, storage: torch.Tensor, adapter_names: list[str]) -> None:
         """Turn a flat copy of W0 (storage order) into W: zero P, then add delta at T (summed in fp32)."""
@@ -352,7 +377,8 @@ class SEFTLayer(BaseTunerLayer):
         if not self.merged:  # also when none of `adapter_names` is on this layer: drop the in-place W of forward
             self._restore_base_weight()
         # Whatever the base weight holds now is kept: forget the originals.
-        self._touched_positions = self._original_values = self._applied_key = None
+        self._touched_positions = self._original_values = self._applied_key = self._applied_versions = None
+        self._state_dict_hook.remove()
         return self.get_base_layer()
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -383,7 +409,13 @@ class SEFTLinear(nn.Module, SEFTLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, num_trainable, kwargs.get("layer_name", ""))
         self._warned_about_hooks = False
-        self.register_state_dict_pre_hook(_show_base_weight_in_state_dict)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Casts and moves (`.to(bf16)`, `.half()`, `.cuda()`) convert the base weight, which may hold W in place: the
+        # kept originals follow, so that restoring writes the converted W0.
+        if self._touched_positions is not None:
+            self._touched_positions, self._original_values = fn(self._touched_positions), fn(self._original_values)
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged and not self.disable_adapters:
@@ -392,16 +424,18 @@ class SEFTLinear(nn.Module, SEFTLayer):
             self.unmerge()
         self._warn_once_about_hooks()
         names = [] if self.disable_adapters else self._active_seft_adapters()
-        if names:
-            self._apply_adapters(names)
-        else:
-            self._restore_base_weight()
+        self._hold_weight_of(names)
         base = self.get_base_layer()
         values = [self.seft_values[name] for name in names]
         patterns = [self._gradient_pattern(name) for name in names]
         weight = logical_weight(base)
         collector = functools.partial(self._collect_gradient, tuple(names)) if names and self._windows else None
-        return seft_linear(x, weight, base.bias, values, patterns, collector)
+        out = seft_linear(x, weight, base.bias, values, patterns, collector)
+        if out.grad_fn is not None:
+            # Backward reads the base weight again: anything between forward and backward (a reference forward under
+            # disable_adapter, a state_dict, another adapter's forward) may have written another W there.
+            out.grad_fn.register_prehook(functools.partial(_weight_of_forward, self, names, self._weight_state()))
+        return out
 
     def _warn_once_about_hooks(self) -> None:
         base = self.get_base_layer()
@@ -417,11 +451,23 @@ class SEFTLinear(nn.Module, SEFTLayer):
         return "seft." + super().__repr__()
 
 
-def _show_base_weight_in_state_dict(module: SEFTLinear, prefix: str, keep_vars: bool) -> None:
+def _weight_of_forward(layer: SEFTLinear, names: list[str], state: tuple, grad_outputs: tuple) -> None:
+    """Backward pre-hook: make the base weight hold the W this forward used again (O(K)) if it was overwritten."""
+    if layer._weight_state() == state:
+        return
+    if names and (layer._adapter_key(names), layer._values_versions(names)) != state[:2]:
+        raise RuntimeError(
+            f"The SEFT adapter(s) {names} changed (values or positions) between a forward and its backward; "
+            "call backward before optimizer.step() or any other in-place change of the adapter."
+        )
+    layer._hold_weight_of(names)
+
+
+def _show_base_weight_in_state_dict(layer: SEFTLinear, base_layer: nn.Module, prefix: str, keep_vars: bool) -> None:
     # A state dict must hold W0, not the W the last forward wrote in place: a full model state dict loaded into a
     # fresh model would otherwise apply the adapter twice. The next forward writes W again (O(K)).
-    if not module.merged:
-        module._restore_base_weight()
+    if not layer.merged:
+        layer._restore_base_weight()
 
 
 def check_nm_pattern(weight: torch.Tensor, pattern: str, layer_name: str) -> None:

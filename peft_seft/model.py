@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections import defaultdict
+from collections.abc import Iterable
 
 import torch
 from peft.tuners.tuners_utils import (
@@ -15,10 +17,11 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .config import SEFTConfig
-from .fingerprint import fingerprint_mismatch, weight_fingerprint
+from .fingerprint import trained_checksum, with_trained_checksum
 from .layer import SEFTLayer, SEFTLinear
 from .targets import default_target_pattern, is_linear
 from .training import Evolution
+from .validation import AdapterValidationError, validate_adapter_state
 from .window import GradientWindow
 
 
@@ -42,6 +45,7 @@ class SEFTModel(BaseTuner):
             config.target_modules = default_target_pattern(model)
         _maybe_include_all_linear_layers(config, model)
         self._layer_budgets = self._split_budget(model, config)
+        refuse_tied_targets(model, self._layer_budgets)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _post_injection_hook(self, model: nn.Module, config: SEFTConfig, adapter_name: str) -> None:
@@ -75,13 +79,20 @@ class SEFTModel(BaseTuner):
     @staticmethod
     def _check_target_module_exists(config: SEFTConfig, key: str):
         found = check_target_module_exists(config, key)
-        if found and isinstance(config.target_modules, str) and config.layers_to_transform is not None:
-            # PEFT applies layers_to_transform / layers_pattern to lists of names only, but SEFT's default target is
-            # a regex: check a matched module again as a list target, which applies PEFT's own layer filter.
+        if found and config.layers_to_transform is not None:
+            # PEFT applies layers_to_transform / layers_pattern to suffixes only, not to a regex (SEFT's default target)
+            # nor to the exact names 'all-linear' expands to: check a matched module again as a suffix target, which
+            # applies PEFT's own layer filter. The budget split and the injection both go through here.
             probe = copy.copy(config)
             probe.target_modules = {key.rsplit(".", 1)[-1]}
             found = check_target_module_exists(probe, key)
         return found
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # BaseTuner's version assigns `child.weight` to a new module without `base_layer`, which fails when unloading
+        # a TrainableTokensWrapper (its `weight` is computed). SEFT layers are built on their base weight's device, so
+        # the replacement is all that is needed (as in LoraModel).
+        setattr(parent, child_name, new_module)
 
     def _create_and_replace(
         self,
@@ -109,6 +120,11 @@ class SEFTModel(BaseTuner):
         # Saved inside a gradient window (a mid-window checkpoint): add the window's O(K) statistics so that resuming
         # continues exactly. Outside a window nothing is added.
         for name, module in model.named_modules():
+            key = f"{name}.seft_fingerprint.{adapter_name}"
+            if isinstance(module, SEFTLayer) and key in to_return:  # with the sum of W0 * delta at T (fingerprint.py)
+                values = module.seft_values[adapter_name]
+                checksum = trained_checksum(module.base_values_at(module.seft_indices[adapter_name]), values)
+                to_return[key] = with_trained_checksum(to_return[key], checksum)
             if isinstance(module, SEFTLayer) and adapter_name in module._windows:
                 for key, value in module._windows[adapter_name].state_dict().items():
                     to_return[f"{name}.{WINDOW_KEY}.{adapter_name}.{key}"] = value
@@ -117,8 +133,13 @@ class SEFTModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_fits_base(model, adapter_name, remapped)
-        restore_windows(model, config, adapter_name, remapped)
+        try:
+            validate_adapter_state(model, adapter_name, remapped)
+            restore_windows(model, config, adapter_name, remapped)
+        except AdapterValidationError:
+            discard_adapter(model, adapter_name)
+            raise
+        keep_current_fingerprints(model, adapter_name, remapped)
         return remapped
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
@@ -129,6 +150,23 @@ class SEFTModel(BaseTuner):
             if isinstance(hook, functools.partial) and hook.func is _evolution_before_forward:
                 del model._forward_pre_hooks[key]
         return model
+
+
+def refuse_tied_targets(model: nn.Module, targets: Iterable[str]) -> None:
+    """Refuse a target whose weight is shared with another module (e.g. an LM head tied to the input embeddings):
+    the in-place W would change the other module too."""
+    names_of = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of[id(param)].append(name)
+    for target in targets:
+        weight = model.get_submodule(target).weight
+        tied = [name for name in names_of[id(weight)] if not name.startswith(f"{target}.")]
+        if tied:
+            raise ValueError(
+                f"SEFT cannot adapt {target}: its weight is tied to {', '.join(tied)}. SEFT writes the effective "
+                f"weight into the base weight in place, which would change the tied module too. Exclude {target} "
+                "(exclude_modules) or untie the weights first (e.g. load the model with tie_word_embeddings=False)."
+            )
 
 
 def _evolution_before_forward(evolution: Evolution, module: nn.Module, args: tuple) -> None:
@@ -157,31 +195,27 @@ def restore_windows(model: nn.Module, config: SEFTConfig, adapter_name: str, sta
                     fields, trainable, numel, module.seft_values[adapter_name].device
                 )
             except ValueError as error:
-                raise ValueError(
+                raise AdapterValidationError(
                     f"The saved gradient window of SEFT layer {name} (adapter {adapter_name!r}) is invalid: {error}. "
                     "The checkpoint is damaged; resume from another checkpoint."
                 ) from None
         module.restore_window(adapter_name, window)
 
 
-def check_adapter_fits_base(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-    """Fail loudly (before anything is loaded) when a SEFT state dict was made for another base model."""
-    problems = []
+def keep_current_fingerprints(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """After validation, keep the fingerprint of the base the adapter is now on (an adapter saved in another dtype or
+    in the older five-number format then loads as well)."""
     for name, module in model.named_modules():
-        if not isinstance(module, SEFTLayer) or adapter_name not in module.seft_fingerprint:
-            continue
-        saved = state_dict.get(f"{name}.seft_fingerprint.{adapter_name}")
-        if saved is None:
-            problems.append(f"{name}: the adapter has no entry for this layer")
-            continue
-        # The base as it is without any adapter applied (the layer may hold W in place right now).
-        mismatch = fingerprint_mismatch(saved, weight_fingerprint(module.effective_weight([])))
-        if mismatch:
-            problems.append(f"{name}: {mismatch}")
-    if problems:
-        shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ValueError(
-            f"This SEFT adapter does not fit the base model it is being loaded onto ({len(problems)} layer(s)):\n  "
-            f"{shown}\nLoad it onto the (pruned) base model it was trained on; its name is in adapter_config.json "
-            "(base_model_name_or_path)."
-        )
+        if isinstance(module, SEFTLayer) and adapter_name in module.seft_fingerprint:
+            state_dict[f"{name}.seft_fingerprint.{adapter_name}"] = module.seft_fingerprint[adapter_name].clone()
+
+
+def discard_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Undo the injection of an adapter whose file failed validation, so that the base model is as it was."""
+    tuner = next((module for module in model.modules() if isinstance(module, SEFTModel)), None)
+    if tuner is None or adapter_name not in tuner.peft_config:
+        return
+    if list(tuner.peft_config) == [adapter_name]:
+        tuner._unload_and_optionally_merge(merge=False)
+    else:
+        tuner.delete_adapter(adapter_name)

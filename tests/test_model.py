@@ -10,13 +10,21 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from safetensors.torch import load_file
-from transformers import LlamaForCausalLM
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BartConfig,
+    BertConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+)
 
 import peft_seft
 from peft_seft import SEFTConfig, SEFTLayer
 from peft_seft.evolution import structural_active_count
 from peft_seft.sparsity import logical_weight
-from tests.conftest import TINY_MODELS, nonzeros_per_layer, tiny_llama
+from tests.conftest import TINY_MODELS, VOCAB, nonzeros_per_layer, tiny_llama
 
 
 def outputs(model, input_ids):
@@ -221,3 +229,160 @@ def test_full_state_dict_holds_the_base_weight_not_the_in_place_one(input_ids):
     rebuilt = get_peft_model(tiny_llama(), SEFTConfig(density=0.05))
     rebuilt.load_state_dict(state)
     torch.testing.assert_close(outputs(rebuilt, input_ids), expected, rtol=0, atol=0)
+
+
+def _gradients_with(model, input_ids, between) -> torch.Tensor:
+    model.zero_grad()
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    between()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+def test_backward_uses_the_weight_of_its_forward(tmp_path, input_ids):
+    """Whatever writes another W (or W0) into the base weights between a forward and its backward, the gradients are
+    those of the forward's W, bit for bit."""
+    model = get_peft_model(tiny_llama(), SEFTConfig(density=0.05, init_weights=False))
+    model.add_adapter("other", SEFTConfig(density=0.05, init_weights=False))
+
+    def reference_forward():  # what DPO's implicit reference model does
+        with torch.no_grad(), model.disable_adapter():
+            model(input_ids=input_ids)
+
+    def other_adapter_forward():
+        model.base_model.set_adapter("other")
+        with torch.no_grad():
+            model(input_ids=input_ids)
+        model.base_model.set_adapter("default")
+
+    undisturbed = _gradients_with(model, input_ids, lambda: None)
+    save = lambda: model.save_pretrained(tmp_path)  # noqa: E731
+    for between in (reference_forward, model.state_dict, save, other_adapter_forward):
+        assert torch.equal(_gradients_with(model, input_ids, between), undisturbed)
+
+
+def test_changing_the_adapter_between_forward_and_backward_is_an_error(input_ids):
+    model = get_peft_model(tiny_llama(), SEFTConfig(density=0.05, init_weights=False))
+
+    def step_and_reference():
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+            with model.disable_adapter():
+                model(input_ids=input_ids)
+
+    with pytest.raises(RuntimeError, match="changed .* between a forward and its backward"):
+        _gradients_with(model, input_ids, step_and_reference)
+
+
+@pytest.mark.parametrize("num_layers", [2, 3])  # 3 layers: over 20 target names, which PEFT shortens to suffixes
+def test_all_linear_with_layers_to_transform_adapts_exactly_those_layers(tmp_path, input_ids, num_layers):
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    seft = SEFTConfig(target_modules="all-linear", layers_to_transform=[1], num_trainable=300, init_weights=False)
+    model = get_peft_model(LlamaForCausalLM(config), seft)
+    names = set(seft_layers(model))
+    assert len(names) == 7 and all(".layers.1." in name for name in names)
+    assert model.get_nb_trainable_parameters()[0] == 300
+    expected = outputs(model, input_ids)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM(config), tmp_path)
+    assert set(seft_layers(loaded)) == names
+    torch.testing.assert_close(outputs(loaded, input_ids), expected, rtol=0, atol=0)
+
+
+def _tiny_base(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    small = {"vocab_size": VOCAB}
+    configs = {
+        "bert": BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32, **small),
+        "bart": BartConfig(
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            **small,
+        ),
+        "t5": T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0, **small),
+        "llama": LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, **small),
+    }
+    model_cls = AutoModelForCausalLM if kind == "llama" else AutoModel
+    return model_cls.from_config(configs[kind]).eval()
+
+
+def _any_outputs(model, input_ids) -> torch.Tensor:
+    kwargs = {"decoder_input_ids": input_ids[:, :5]} if model.config.is_encoder_decoder else {}
+    out = model(input_ids=input_ids, **kwargs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("kind", ["bert", "bart", "t5", "llama"])  # encoder, encoder-decoders, decoder
+def test_trainable_tokens_unload_and_merge(kind, input_ids):
+    originals = {name: p.detach().clone() for name, p in _tiny_base(kind).named_parameters()}
+    base_out = _any_outputs(_tiny_base(kind), input_ids)
+
+    def adapted():
+        model = get_peft_model(_tiny_base(kind), SEFTConfig(trainable_token_indices=[0, 1, 3], init_weights=False))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "trainable_tokens_delta" in name:
+                    param.normal_(0, 1.0)
+        return model
+
+    model = adapted()
+    expected = _any_outputs(model, input_ids)
+    assert not torch.allclose(expected, base_out)
+    merged = model.merge_and_unload()
+    assert not seft_layers(merged) and "trainable_tokens" not in str(merged)
+    torch.testing.assert_close(_any_outputs(merged, input_ids), expected, rtol=1e-5, atol=1e-5)
+
+    unloaded = adapted().unload()
+    assert "trainable_tokens" not in str(unloaded)
+    for name, param in unloaded.named_parameters():
+        assert torch.equal(param, originals[name]), name  # bit-exact; T5's outputs still vary at float noise level
+    torch.testing.assert_close(_any_outputs(unloaded, input_ids), base_out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half()], ids=["bf16", "half"])
+@pytest.mark.parametrize("merged", [False, True])
+def test_cast_after_a_forward_equals_cast_before(input_ids, cast, merged):
+    def model_with_adapter():
+        torch.manual_seed(3)
+        model = get_peft_model(tiny_llama(), SEFTConfig(density=0.05, init_weights=False, random_seed=0))
+        return model
+
+    untouched = cast(model_with_adapter())
+    used = model_with_adapter()
+    outputs(used, input_ids)  # writes W into the fp32 base weights
+    if merged:
+        used.merge_adapter()
+    used = cast(used)
+    if merged:
+        used.unmerge_adapter()
+    torch.testing.assert_close(outputs(used, input_ids), outputs(untouched, input_ids), rtol=0, atol=0)
+    with used.disable_adapter(), untouched.disable_adapter():
+        for (name, a), b in zip(used.named_parameters(), untouched.parameters(), strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_base_layer_state_dict_holds_w0(input_ids):
+    model = get_peft_model(tiny_llama(), SEFTConfig(density=0.05, init_weights=False))
+    outputs(model, input_ids)
+    for layer in seft_layers(model).values():
+        assert torch.equal(layer.get_base_layer().state_dict()["weight"], layer.effective_weight([]))
+
+
+def test_tied_target_is_refused_naming_the_tie():
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    with pytest.raises(
+        ValueError, match=r"SEFT cannot adapt lm_head: its weight is tied to model\.embed_tokens\.weight"
+    ):
+        get_peft_model(model, SEFTConfig(target_modules=["lm_head", "q_proj"]))
+    assert not seft_layers(model)

@@ -275,9 +275,9 @@ def test_checkpoint_outside_window_is_small(uninterrupted_run):
     keys = list(saved)
     tensor_bytes = sum(value.numel() * value.element_size() for value in saved.values())
     assert all(".seft_" in key and ".seft_window." not in key for key in keys), keys
-    # values (fp32) + indices (int32) + pruned slots (int32): 12 bytes per trainable value, plus a 5-number
+    # values (fp32) + indices (int32) + pruned slots (int32): 12 bytes per trainable value, plus a 10-number
     # fingerprint and the step counter per layer.
-    assert tensor_bytes <= 12 * num_trainable(final) + 48 * len(final)
+    assert tensor_bytes <= 12 * num_trainable(final) + 88 * len(final)
     assert path.stat().st_size <= tensor_bytes + 200 * len(keys)
 
 
@@ -481,3 +481,63 @@ def test_plain_loop_static_delta_needs_no_total_steps():
     after = adapter_snapshot(model)
     assert all(torch.equal(before[n]["indices"], after[n]["indices"]) for n in before)
     assert any(after[n]["values"].any() for n in after)
+
+
+def dpo_run(output_dir, precompute_ref_log_probs: bool) -> tuple[dict, list[float]]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    data = Dataset.from_dict(
+        {
+            "prompt": ["the quick ", "sparse models ", "hello ", "pruned "] * 2,
+            "chosen": ["brown fox", "can be repaired", "world", "weights"] * 2,
+            "rejected": ["lazy cat", "are broken", "there", "values"] * 2,
+        }
+    )
+    keys = ("use_cpu", "bf16", "max_steps", "per_device_train_batch_size", "learning_rate", "lr_scheduler_type")
+    common = {key: value for key, value in sft_args(str(output_dir)).to_dict().items() if key in keys}
+    args = DPOConfig(
+        output_dir=str(output_dir),
+        **{**common, "max_steps": 6},
+        gradient_checkpointing=False,
+        precompute_ref_log_probs=precompute_ref_log_probs,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    trainer = DPOTrainer(
+        model=tiny_pruned_llama(),
+        ref_model=None,
+        args=args,
+        train_dataset=data,
+        processing_class=char_tokenizer(),
+        peft_config=seft_config(initial_drop_rate=0.0),
+    )
+    trainer.train()
+    return adapter_snapshot(trainer.model), [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def test_dpo_implicit_reference_matches_precomputed_reference(tmp_path):
+    """DPOTrainer(ref_model=None) runs the reference forward under disable_adapter between the policy's forward and
+    backward; training must match a run whose reference log-probs were computed before training."""
+    implicit, implicit_losses = dpo_run(tmp_path / "implicit", precompute_ref_log_probs=False)
+    precomputed, precomputed_losses = dpo_run(tmp_path / "precomputed", precompute_ref_log_probs=True)
+    assert len(implicit_losses) == 6
+    torch.testing.assert_close(implicit_losses, precomputed_losses, rtol=0, atol=1e-6)
+    for name, state in implicit.items():
+        assert state["values"].abs().max() > 1e-3  # trained
+        torch.testing.assert_close(state["values"], precomputed[name]["values"], rtol=0, atol=1e-5)
+
+
+def test_bf16_full_eval_after_training(tmp_path):
+    """Trainer(bf16_full_eval=True).evaluate() after train() casts the model to bf16 after forwards wrote W in place:
+    evaluation runs (it raised a dtype error) with a sane loss."""
+    trainer = make_trainer(tmp_path, seft_config(), max_steps=6, bf16_full_eval=True, per_device_eval_batch_size=4)
+    trainer.eval_dataset = trainer.train_dataset.select(range(8))
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert trainer.model.dtype == torch.bfloat16 and torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert metrics["eval_loss"] < 5.0
