@@ -17,7 +17,7 @@ from torch import nn
 from .config import SEFTConfig
 from .fingerprint import fingerprint_mismatch, weight_fingerprint
 from .layer import SEFTLayer, SEFTLinear
-from .targets import default_target_pattern, is_linear
+from .targets import check_supported_layer, default_target_pattern
 from .training import Evolution
 from .window import GradientWindow
 
@@ -65,7 +65,8 @@ class SEFTModel(BaseTuner):
             if isinstance(module, BaseTunerLayer):
                 adapted += (f"{name}.",)
                 module = module.get_base_layer()
-            if is_linear(module) and self._check_target_module_exists(config, name):
+            if self._check_target_module_exists(config, name):
+                check_supported_layer(name, module)  # before any layer is replaced: refuse quantized layers up front
                 sizes[name] = module.weight.numel()
         if config.num_trainable is None:
             return {name: round(config.density * size) for name, size in sizes.items()}
