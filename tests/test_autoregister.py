@@ -1,0 +1,107 @@
+"""A saved SEFT adapter loads in a fresh process that never imports peft_seft (the hook installed with the package)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import LlamaForCausalLM
+
+from peft_seft import SEFTConfig
+from tests.conftest import tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+PTH = "peft-seft-autoregister.pth"
+
+LOADERS = {
+    "PeftModel.from_pretrained": """
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), adapter_dir)
+    """,
+    "AutoPeftModelForCausalLM": """
+        from peft import AutoPeftModelForCausalLM
+        model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
+    """,
+    "transformers load_adapter": """
+        model = LlamaForCausalLM.from_pretrained(base_dir)
+        model.load_adapter(adapter_dir)
+    """,
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[Path, Path, Path, torch.Tensor]:
+    root = tmp_path_factory.mktemp("autoregister")
+    base_dir, adapter_dir, site_dir = root / "base", root / "adapter", root / "site"
+    tiny_llama().save_pretrained(base_dir)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), SEFTConfig(density=0.05))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "seft_values" in name:
+                param.normal_(0, 0.05)
+    input_ids = torch.arange(12).reshape(1, 12)
+    expected = model(input_ids=input_ids).logits
+    model.save_pretrained(adapter_dir)
+    site_dir.mkdir()
+    shutil.copy(REPO / PTH, site_dir / PTH)
+    return base_dir, adapter_dir, site_dir, expected
+
+
+def run_fresh(code: str, site_dir: Path, path: tuple[Path, ...] = (REPO,), **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new interpreter that processes our .pth file exactly as site-packages does at start-up."""
+    prelude = f"import site, sys\nsite.addsitedir({str(site_dir)!r})\n"
+    pythonpath = os.pathsep.join([*map(str, path), os.environ.get("PYTHONPATH", "")])
+    environ = {**os.environ, "PYTHONPATH": pythonpath, **env}
+    # cwd: `python -c` puts it first on sys.path, and the repository root holds the real peft_seft.
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], capture_output=True, text=True, env=environ, cwd=site_dir
+    )
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_fresh_process_loads_adapter_without_importing_peft_seft(saved, loader):
+    base_dir, adapter_dir, site_dir, expected = saved
+    code = (
+        textwrap.dedent(f"""
+        assert "peft_seft" not in sys.modules and "torch" not in sys.modules  # the .pth itself imports neither
+        import torch
+        from transformers import LlamaForCausalLM
+        base_dir, adapter_dir = {str(base_dir)!r}, {str(adapter_dir)!r}
+    """)
+        + textwrap.dedent(LOADERS[loader])
+        + textwrap.dedent("""
+        assert any(type(m).__name__ == "SEFTLinear" for m in model.modules())
+        torch.save(model(input_ids=torch.arange(12).reshape(1, 12)).logits, adapter_dir + "/logits.pt")
+    """)
+    )
+    result = run_fresh(code, site_dir)
+    assert result.returncode == 0, result.stderr
+    torch.testing.assert_close(torch.load(adapter_dir / "logits.pt"), expected, rtol=0, atol=0)
+
+
+def test_off_switch_leaves_peft_alone(saved):
+    _, adapter_dir, site_dir, _ = saved
+    code = textwrap.dedent(f"""
+        from peft import PeftConfig
+        assert "peft_seft" not in sys.modules
+        PeftConfig.from_pretrained({str(adapter_dir)!r})
+    """)
+    result = run_fresh(code, site_dir, PEFT_SEFT_NO_AUTOREGISTER="1")
+    assert result.returncode != 0 and "KeyError: 'SEFT'" in result.stderr
+
+
+def test_a_failing_registration_warns_and_keeps_peft_importable(saved, tmp_path):
+    _, _, site_dir, _ = saved
+    broken = tmp_path / "peft_seft"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('peft-seft supports peft>=0.21.0,<0.22')")
+    result = run_fresh("import peft", site_dir, path=(tmp_path, REPO))
+    assert result.returncode == 0, result.stderr
+    assert "could not register the PEFT method SEFT" in result.stderr and ">=0.21.0,<0.22" in result.stderr
