@@ -10,6 +10,7 @@ seft merge --adapter run/adapter --output-dir merged
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -206,8 +207,18 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+CLI_EXTRA = ("trl", "datasets", "accelerate", "matplotlib")  # the `cli` extra of pyproject.toml
+
+
+def _require_cli_extra() -> None:
+    missing = [name for name in CLI_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.exit(f"seft: the command line needs {', '.join(missing)}: pip install 'peft-seft[cli]'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _require_cli_extra()
     configure_logging(args.quiet, args.verbose)
     args.progress = args.progress and not args.quiet
     if not args.progress:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from pathlib import Path
 
 import pytest
-from packaging.version import Version
 from peft.utils import PeftType
 
-import peft_seft
+from peft_seft import cli
 from peft_seft.compat import SUPPORTED_PEFT, check_peft_version
 
 PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
@@ -30,11 +30,14 @@ def test_pyproject_requires_the_peft_range_checked_at_import():
     assert f"peft{SUPPORTED_PEFT}" in PYPROJECT["project"]["dependencies"]
 
 
-def test_version_is_a_release_version():
-    assert Version(peft_seft.__version__).release[:2] >= (0, 2)
-
-
 def test_seft_is_a_peft_type_member_found_by_its_plain_string():
     member = PeftType.SEFT
     assert PeftType("SEFT") is member and PeftType["SEFT"] is member and member in list(PeftType)
     assert {member: 1}["SEFT"] == 1  # peft looks its registries up with the string from adapter_config.json
+
+
+def test_command_line_without_its_extra_names_the_install_command(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else find_spec(name, *a))
+    with pytest.raises(SystemExit, match=r"needs trl: pip install 'peft-seft\[cli\]'"):
+        cli.main(["eval", "--adapter", "nowhere"])
