@@ -20,20 +20,19 @@ from tests.conftest import tiny_llama
 REPO = Path(__file__).resolve().parents[1]
 PTH = "peft-seft-autoregister.pth"
 
-LOADERS = {
-    "PeftModel.from_pretrained": """
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), adapter_dir)
-    """,
-    "AutoPeftModelForCausalLM": """
-        from peft import AutoPeftModelForCausalLM
-        model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
-    """,
-    "transformers load_adapter": """
-        model = LlamaForCausalLM.from_pretrained(base_dir)
-        model.load_adapter(adapter_dir)
-    """,
-}
+# One fresh process loads three ways; transformers' load_adapter first, as it imports peft on its own.
+LOADERS = """
+from transformers import LlamaForCausalLM
+from peft import AutoPeftModelForCausalLM, PeftModel
+
+loaded = {"load_adapter": LlamaForCausalLM.from_pretrained(base_dir)}
+loaded["load_adapter"].load_adapter(adapter_dir)
+loaded["PeftModel"] = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), adapter_dir)
+loaded["AutoPeftModel"] = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
+for name, model in loaded.items():
+    assert any(type(m).__name__ == "SEFTLinear" for m in model.modules()), name
+    torch.save(model(input_ids=torch.arange(12).reshape(1, 12)).logits, f"{adapter_dir}/{name}.pt")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -65,25 +64,17 @@ def run_fresh(code: str, site_dir: Path, path: tuple[Path, ...] = (REPO,), **env
     )
 
 
-@pytest.mark.parametrize("loader", list(LOADERS))
-def test_fresh_process_loads_adapter_without_importing_peft_seft(saved, loader):
+def test_fresh_process_loads_adapter_without_importing_peft_seft(saved):
     base_dir, adapter_dir, site_dir, expected = saved
-    code = (
-        textwrap.dedent(f"""
-        assert "peft_seft" not in sys.modules and "torch" not in sys.modules  # the .pth itself imports neither
-        import torch
-        from transformers import LlamaForCausalLM
-        base_dir, adapter_dir = {str(base_dir)!r}, {str(adapter_dir)!r}
-    """)
-        + textwrap.dedent(LOADERS[loader])
-        + textwrap.dedent("""
-        assert any(type(m).__name__ == "SEFTLinear" for m in model.modules())
-        torch.save(model(input_ids=torch.arange(12).reshape(1, 12)).logits, adapter_dir + "/logits.pt")
-    """)
-    )
-    result = run_fresh(code, site_dir)
+    prelude = f"""
+assert "peft_seft" not in sys.modules and "torch" not in sys.modules  # the .pth itself imports neither
+import torch
+base_dir, adapter_dir = {str(base_dir)!r}, {str(adapter_dir)!r}
+"""
+    result = run_fresh(prelude + LOADERS, site_dir)
     assert result.returncode == 0, result.stderr
-    torch.testing.assert_close(torch.load(adapter_dir / "logits.pt"), expected, rtol=0, atol=0)
+    for name in ("load_adapter", "PeftModel", "AutoPeftModel"):
+        torch.testing.assert_close(torch.load(adapter_dir / f"{name}.pt"), expected, rtol=0, atol=0, msg=name)
 
 
 def test_off_switch_leaves_peft_alone(saved):
