@@ -46,6 +46,9 @@ class SEFTModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: SEFTConfig, adapter_name: str) -> None:
         if not hasattr(self, "evolution"):
+            from .callbacks import install_default_callback  # not at import: see peft_seft.__getattr__
+
+            install_default_callback()  # every Trainer built from now on sets total_steps
             self.evolution = Evolution(self)
             # A partial of a module-level function, not a lambda: the model stays picklable, and a (deep) copy's hooks
             # call the copy's Evolution.

@@ -77,6 +77,13 @@ base_dir, adapter_dir = {str(base_dir)!r}, {str(adapter_dir)!r}
         torch.testing.assert_close(torch.load(adapter_dir / f"{name}.pt"), expected, rtol=0, atol=0, msg=name)
 
 
+def test_registers_when_transformers_imports_peft_halfway_through_its_own_import(saved):
+    _, _, site_dir, _ = saved
+    code = "from transformers import Trainer\nfrom peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as m\nm['SEFT']"
+    result = run_fresh(code, site_dir)
+    assert result.returncode == 0 and "could not register" not in result.stderr, result.stderr
+
+
 def test_off_switch_leaves_peft_alone(saved):
     _, adapter_dir, site_dir, _ = saved
     code = textwrap.dedent(f"""
