@@ -17,7 +17,7 @@ __version__ = "0.2.0.dev0"
 register_seft(SEFTConfig, SEFTModel, prefix=SEFTModel.prefix)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     # SEFTCallback is imported on first use: transformers' trainer modules import peft while they are half-initialised,
     # and when that import of peft registers SEFT (see _peft_seft_autoregister), importing them here would be circular.
     if name == "SEFTCallback":

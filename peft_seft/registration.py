@@ -2,9 +2,9 @@
 
 PEFT only registers names that are members of its `PeftType` enum, and `adapter_config.json` is looked
 up with the plain string, so the member's name and value must both be "SEFT". Enums cannot be
-subclassed; `aenum.extend_enum` (maintained by the author of the stdlib enum) adds the member on every
-Python version, where the enum's internal tables differ. Everything here is idempotent: importing or
-reloading peft_seft twice is harmless.
+subclassed; `aenum.extend_enum` (maintained by the author of the stdlib enum) adds the member without
+touching the enum's internal tables ourselves, which differ between Python versions (only 3.11 is tested
+here). Everything here is idempotent: importing or reloading peft_seft twice is harmless.
 """
 
 from __future__ import annotations
