@@ -11,6 +11,7 @@ seft push --adapter run/adapter --base-repo me/model-pruned --adapter-repo me/mo
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -298,8 +299,18 @@ def _expand_paths(args: argparse.Namespace) -> None:
             setattr(args, name, expand(getattr(args, name)))
 
 
+CLI_EXTRA = ("trl", "datasets", "accelerate", "matplotlib")  # the `cli` extra of pyproject.toml
+
+
+def _require_cli_extra() -> None:
+    missing = [name for name in CLI_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.exit(f"seft: the command line needs {', '.join(missing)}: pip install 'peft-seft[cli]'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _require_cli_extra()
     configure_logging(args.quiet, args.verbose)
     args.progress = args.progress and not args.quiet
     if not args.progress:

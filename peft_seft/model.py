@@ -19,7 +19,7 @@ from torch import nn
 from .config import SEFTConfig
 from .fingerprint import trained_checksum, with_trained_checksum
 from .layer import SEFTLayer, SEFTLinear
-from .targets import default_target_pattern, is_linear
+from .targets import check_supported_layer, default_target_pattern
 from .training import Evolution
 from .validation import AdapterValidationError, validate_adapter_state
 from .window import GradientWindow
@@ -50,6 +50,9 @@ class SEFTModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: SEFTConfig, adapter_name: str) -> None:
         if not hasattr(self, "evolution"):
+            from .callbacks import install_default_callback  # not at import: see peft_seft.__getattr__
+
+            install_default_callback()  # every Trainer built from now on sets total_steps
             self.evolution = Evolution(self)
             # A partial of a module-level function, not a lambda: the model stays picklable, and a (deep) copy's hooks
             # call the copy's Evolution.
@@ -69,7 +72,8 @@ class SEFTModel(BaseTuner):
             if isinstance(module, BaseTunerLayer):
                 adapted += (f"{name}.",)
                 module = module.get_base_layer()
-            if is_linear(module) and self._check_target_module_exists(config, name):
+            if self._check_target_module_exists(config, name):
+                check_supported_layer(name, module)  # before any layer is replaced: refuse quantized layers up front
                 sizes[name] = module.weight.numel()
         if config.num_trainable is None:
             return {name: round(config.density * size) for name, size in sizes.items()}

@@ -2,35 +2,23 @@
 
 PEFT only registers names that are members of its `PeftType` enum, and `adapter_config.json` is looked
 up with the plain string, so the member's name and value must both be "SEFT". Enums cannot be
-subclassed, so the member is added through the enum's own tables. Everything here is idempotent:
-importing or reloading peft_seft twice is harmless.
+subclassed; `aenum.extend_enum` (maintained by the author of the stdlib enum) adds the member without
+touching the enum's internal tables ourselves, which differ between Python versions (only 3.11 is tested
+here). Everything here is idempotent: importing or reloading peft_seft twice is harmless.
 """
 
 from __future__ import annotations
 
+from aenum import extend_enum
 from peft.utils import PeftType
 
 SEFT_NAME = "SEFT"
 
 
 def _add_enum_member(enum_cls: type, name: str) -> object:
-    if name in enum_cls._member_map_:
-        return enum_cls._member_map_[name]
-    member = str.__new__(enum_cls, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = enum_cls
-    member.__init__(name)
-    if hasattr(enum_cls, "_add_member_"):  # Python >= 3.13
-        enum_cls._add_member_(name, member)
-    else:
-        type.__setattr__(enum_cls, name, member)
-        enum_cls._member_map_[name] = member
-        enum_cls._member_names_.append(name)
-    enum_cls._value2member_map_[name] = member
-    if hasattr(enum_cls, "_hashable_values_"):
-        enum_cls._hashable_values_.append(name)
-    return member
+    if name not in enum_cls.__members__:  # extend_enum refuses a name it already added
+        extend_enum(enum_cls, name, name)
+    return enum_cls[name]
 
 
 SEFT_PEFT_TYPE = _add_enum_member(PeftType, SEFT_NAME)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -19,6 +20,29 @@ _BLOCK_SEGMENT = re.compile(r"(^|\.)\d+\.")
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, LINEAR_TYPES)
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_supported_layer(name: str, module: nn.Module) -> None:
+    """Refuse a target SEFT cannot adapt: not nn.Linear/Conv1D, or (e.g. bitsandbytes' Linear4bit, an int8 or fp8
+    layer) a weight that is not a plain float tensor of the layer's logical shape, which SEFT writes in place."""
+    weight = getattr(module, "weight", None)
+    if is_linear(module) and type(weight) in (torch.Tensor, nn.Parameter) and type(weight.data) is torch.Tensor:
+        linear = isinstance(module, nn.Linear)
+        expected = (module.out_features, module.in_features) if linear else (module.nx, module.nf)
+        if weight.dtype in _FLOAT_DTYPES and tuple(weight.shape) == expected:
+            return
+    found = type(module).__name__
+    if isinstance(weight, torch.Tensor):
+        found += f" with a {type(weight).__name__} weight of dtype {weight.dtype} and shape {tuple(weight.shape)}"
+    raise ValueError(
+        f"SEFT cannot adapt {name!r} ({found}): it needs an nn.Linear or transformers Conv1D layer whose weight is a "
+        "plain float tensor (float32, float16, bfloat16 or float64) of shape (out_features, in_features). Quantized "
+        "layers (bitsandbytes 4/8-bit, GPTQ, AWQ, fp8, ...) are not supported: load the model without quantization (or "
+        f"call model.dequantize() first), or leave the layer out with exclude_modules=[{name!r}] or target_modules."
+    )
 
 
 def default_target_pattern(model: nn.Module) -> str:
