@@ -61,9 +61,19 @@ UNSTRUCTURED_METHODS = [
     "shira",
 ]
 NM_METHODS = ["pruned", "seft", "seft_nm_reactivate", "seft_static", "lora", "masked_lora", "shira"]
-EXTRA_METHODS = ["seft_reselect", "seft_4x", "seft_16x"]  # only run when named in --methods
+EXTRA_METHODS = [  # only run when named in --methods
+    "seft_reselect",
+    "seft_4x",
+    "seft_16x",
+    "seft_seeded",
+    "seft_no_regrow_seeded",
+    "seft_magnitude_seeded",
+    "seft_sensitivity_mean_abs_seeded",
+    "seft_nm_reactivate_seeded",
+]
 # SEFT variants: SEFTConfig overrides, and the trainable count as a multiple of LoRA's (seft_4x, seft_16x: the
-# equal-memory view, SEFT given more values for the memory masked LoRA takes).
+# equal-memory view, SEFT given more values for the memory masked LoRA takes). The *_seeded variants seed Adam's
+# moments of grown entries (seed_optimizer_state=True), the default while part of the 2026-11-30 runs were made.
 SEFT_VARIANTS = {
     "seft": ({}, 1),
     "seft_static": ({"initial_drop_rate": 0.0}, 1),
@@ -73,6 +83,11 @@ SEFT_VARIANTS = {
     "seft_reselect": ({"full_reselection_first": True}, 1),
     "seft_4x": ({}, 4),
     "seft_16x": ({}, 16),
+    "seft_seeded": ({"seed_optimizer_state": True}, 1),
+    "seft_no_regrow_seeded": ({"grow_pruned": False, "seed_optimizer_state": True}, 1),
+    "seft_magnitude_seeded": ({"prune_criterion": "magnitude", "seed_optimizer_state": True}, 1),
+    "seft_sensitivity_mean_abs_seeded": ({"sensitivity_statistic": "mean_abs", "seed_optimizer_state": True}, 1),
+    "seft_nm_reactivate_seeded": ({"grow_pruned": True, "seed_optimizer_state": True}, 1),
 }
 LABELS = {
     "dense": "dense (unpruned reference)",
@@ -85,13 +100,20 @@ LABELS = {
     "seft_reselect": "SEFT full_reselection_first=True (extra)",
     "seft_4x": "SEFT, 4x the trainable values (equal-memory view)",
     "seft_16x": "SEFT, 16x the trainable values (equal-memory view)",
+    "seft_seeded": "SEFT, seeded Adam moments",
+    "seft_no_regrow_seeded": "SEFT grow_pruned=False, seeded Adam moments",
+    "seft_magnitude_seeded": "SEFT prune_criterion=magnitude, seeded Adam moments",
+    "seft_sensitivity_mean_abs_seeded": "SEFT sensitivity mean |W g|, seeded Adam moments",
+    "seft_nm_reactivate_seeded": "SEFT in-group re-activation, seeded Adam moments",
     "lora": "LoRA (dense delta)",
     "masked_lora": "masked LoRA (SQFT-style)",
     "shira": "SHiRA (PEFT, random sparse delta)",
 }
 NM_LABELS = {
     "seft": "SEFT 2:4 (frozen topology: the paper's N:M mode, our default)",
+    "seft_seeded": "SEFT 2:4 (frozen topology), seeded Adam moments",
     "seft_nm_reactivate": "SEFT 2:4 in-group re-activation (our extension)",
+    "seft_nm_reactivate_seeded": "SEFT 2:4 in-group re-activation (our extension), seeded Adam moments",
 }
 # Masked LoRA and SHiRA are not swept by default (time): they share the parametrization of LoRA and of SEFT.
 SWEEP_GRID = {

@@ -155,11 +155,13 @@ class SEFTConfig(PeftConfig):
         },
     )
     seed_optimizer_state: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "For Adam-family optimizers, seed the moments of grown entries with the mean and mean square of "
-            "their window gradients (SpIEL), so that their first updates have the size of established entries'. "
-            "False zeroes them. Other optimizers always get their state at changed slots zeroed."
+            "their window gradients (SpIEL), so that their first update has the size of an established entry's. Off "
+            "by default: on Wanda-70% SmolLM2 (64 steps) seeding made every round spike the loss (held-out perplexity "
+            "91.9 against 59.2 with zeroed moments). False zeroes the state of changed slots, as for every other "
+            "optimizer."
         },
     )
     total_steps: int | None = field(
