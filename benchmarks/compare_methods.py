@@ -288,7 +288,7 @@ def merge(method: str, model):
 
 
 def sparsity_stats(base, merged, pattern: str | None) -> dict:
-    from peft_seft.sparsity import nm_group_counts, parse_nm_pattern
+    from peft_seft.utils.sparsity import nm_group_counts, parse_nm_pattern
 
     base_layers, merged_layers = target_linears(base), target_linears(merged)
     assert base_layers.keys() == merged_layers.keys(), "merging changed the target layers"
@@ -329,7 +329,7 @@ def lr_factor(step: int, steps: int, warmup_fraction: float) -> float:
 def run_child(spec_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from peft_seft.evaluation import perplexity
+    from peft_seft.cli.evaluation import perplexity
 
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
@@ -429,8 +429,8 @@ def spawn(spec: dict, work: Path, log) -> dict:
 
 def prepare(args: argparse.Namespace, log) -> tuple[Path, dict]:
     """Dense and pruned checkpoints plus the token data, under the work directory (reused when present)."""
-    from peft_seft.embedded import load_smollm2, python_reference_corpus, split_corpus
-    from peft_seft.evaluation import perplexity
+    from peft_seft.cli.embedded import load_smollm2, python_reference_corpus, split_corpus
+    from peft_seft.cli.evaluation import perplexity
     from peft_seft.pruning import prune
     from peft_seft.pruning.calibration import token_stream
 

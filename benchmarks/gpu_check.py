@@ -48,9 +48,9 @@ from baselines import apply_masked_lora  # noqa: E402
 import peft_seft  # noqa: E402
 from peft_seft.export import nm_compliance, to_semi_structured  # noqa: E402
 from peft_seft.pruning import prune  # noqa: E402
-from peft_seft.sparsity import logical_weight  # noqa: E402
-from peft_seft.targets import find_target_linears  # noqa: E402
-from peft_seft.value_grad import IMPLEMENTATIONS, set_value_grad_implementation  # noqa: E402
+from peft_seft.tuner.value_grad import IMPLEMENTATIONS, set_value_grad_implementation  # noqa: E402
+from peft_seft.utils.sparsity import logical_weight  # noqa: E402
+from peft_seft.utils.targets import find_target_linears  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # max |actual - fp64| / max |fp64| allowed per compute dtype (bf16/fp16 include the rounding of inputs and outputs)

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from peft_seft.embedded import load_smollm2, python_reference_corpus, split_corpus
-from peft_seft.evaluation import perplexity
+from peft_seft.cli.embedded import load_smollm2, python_reference_corpus, split_corpus
+from peft_seft.cli.evaluation import perplexity
 from peft_seft.pruning import build_calibration, prune
 from peft_seft.pruning.calibration import token_stream
-from peft_seft.sparsity import logical_weight
-from peft_seft.targets import find_target_linears
+from peft_seft.utils.sparsity import logical_weight
+from peft_seft.utils.targets import find_target_linears
 
 SETTINGS = [("50%", 0.5, None), ("70%", 0.7, None), ("2:4", None, "2:4")]
 METHODS = ["magnitude", "wanda", "sparsegpt"]

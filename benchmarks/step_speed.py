@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's peft_seft, installed or not
 import peft_seft  # noqa: E402
-from peft_seft.value_grad import IMPLEMENTATIONS, set_value_grad_implementation  # noqa: E402
+from peft_seft.tuner.value_grad import IMPLEMENTATIONS, set_value_grad_implementation  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

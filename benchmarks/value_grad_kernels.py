@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's peft_seft, installed or not
-from peft_seft.value_grad import IMPLEMENTATIONS, SamplePattern, choose_implementation, sampled_gradient  # noqa: E402
+from peft_seft.tuner.value_grad import IMPLEMENTATIONS, SamplePattern, choose_implementation, sampled_gradient  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ERROR_SAMPLES = 2048

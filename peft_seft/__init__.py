@@ -6,12 +6,14 @@ then ``get_peft_model(model, SEFTConfig(...))``, ``PeftModel.from_pretrained`` a
 calls ``optimizer.step()``.
 """
 
-from . import compat  # noqa: F401  (before anything from peft: fails early, naming the supported peft range)
-from .cards import install_model_card_hook
-from .config import SEFTConfig
-from .layer import SEFTLayer, SEFTLinear
-from .model import SEFTModel
-from .registration import SEFT_PEFT_TYPE, register_seft
+from .utils import compat  # noqa: F401  (before anything from peft: fails early, naming the supported peft range)
+
+# isort: split
+from .tuner.cards import install_model_card_hook
+from .tuner.config import SEFTConfig
+from .tuner.layer import SEFTLayer, SEFTLinear
+from .tuner.model import SEFTModel
+from .tuner.registration import SEFT_PEFT_TYPE, register_seft
 
 __version__ = "0.2.0.dev0"
 
@@ -23,7 +25,7 @@ def __getattr__(name: str) -> type:
     # SEFTCallback is imported on first use: transformers' trainer modules import peft while they are half-initialised,
     # and when that import of peft registers SEFT (see _peft_seft_autoregister), importing them here would be circular.
     if name == "SEFTCallback":
-        from .callbacks import SEFTCallback
+        from .tuner.callbacks import SEFTCallback
 
         return SEFTCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

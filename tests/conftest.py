@@ -7,8 +7,8 @@ import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import peft_seft  # noqa: F401  (registers SEFT)
-from peft_seft.sparsity import logical_weight
-from peft_seft.targets import find_target_linears
+from peft_seft.utils.sparsity import logical_weight
+from peft_seft.utils.targets import find_target_linears
 
 VOCAB = 96
 

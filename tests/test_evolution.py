@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from peft import get_peft_model
 
 from peft_seft import SEFTConfig, SEFTLinear
-from peft_seft.evolution import Candidates, drop_count, drop_rate, evolve, structural_active_count
-from peft_seft.sparsity import logical_weight
-from peft_seft.training import reset_optimizer_state
+from peft_seft.evolution.rounds import Candidates, drop_count, drop_rate, evolve, structural_active_count
+from peft_seft.tuner.training import reset_optimizer_state
+from peft_seft.utils.sparsity import logical_weight
 
 
 def window_round(layer: SEFTLinear, rate: float, config: SEFTConfig, steps: int = 2, micro_batches: int = 1):

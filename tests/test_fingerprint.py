@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_seft import SEFTConfig, SEFTLayer
-from peft_seft.fingerprint import (
+from peft_seft.tuner.fingerprint import (
     ALREADY_MERGED,
     fingerprint_mismatch,
     trained_checksum,
@@ -19,7 +19,7 @@ from peft_seft.fingerprint import (
     weight_fingerprint,
     with_trained_checksum,
 )
-from peft_seft.validation import AdapterValidationError
+from peft_seft.tuner.validation import AdapterValidationError
 from tests.conftest import nonzeros_per_layer, tiny_llama
 from tests.test_validation import evolve_by_hand_
 

@@ -18,10 +18,10 @@ from huggingface_hub import ModelCard, constants
 from peft import PeftModel, get_peft_model
 
 from peft_seft import SEFTConfig
-from peft_seft.cards import model_card_text, write_model_card
-from peft_seft.hub import push_adapter, push_sparse_model
-from peft_seft.hub_standin import HubStandIn
+from peft_seft.export.hub import push_adapter, push_sparse_model
+from peft_seft.export.hub_standin import HubStandIn
 from peft_seft.pruning import prune, sparsity_report
+from peft_seft.tuner.cards import model_card_text, write_model_card
 
 SETTINGS = {"update_interval": 2, "selection_steps": 1, "initial_drop_rate": 0.3, "drop_schedule": "linear"}
 DENSE = "org/tiny-llama"  # the dense model the pruned one comes from (known to the stand-in)

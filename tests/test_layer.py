@@ -9,8 +9,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
 from peft_seft import SEFTConfig, SEFTLinear
-from peft_seft.layer import EMPTY_SLOT
-from peft_seft.sparsity import logical_weight
+from peft_seft.tuner.layer import EMPTY_SLOT
+from peft_seft.utils.sparsity import logical_weight
 
 
 def make_layer(kind: str, dtype=torch.float32, seed: int = 0) -> SEFTLinear:

@@ -9,7 +9,7 @@ import re
 import pytest
 from matplotlib.figure import Figure
 
-from peft_seft import reporting
+from peft_seft.cli import reporting
 
 ROUND = {"dropped": 5, "grown": 5, "reactivated": 2, "repruned": 2, "restored": 0, "active": 10, "budget": 10}
 LAYERS = [

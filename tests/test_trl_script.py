@@ -16,9 +16,9 @@ from huggingface_hub import ModelCard
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from peft_seft.hub_standin import HubStandIn
+from peft_seft.export.hub_standin import HubStandIn
 from peft_seft.pruning import prune, sparsity_report
-from peft_seft.trl_args import SEFTArguments, get_seft_config
+from peft_seft.tuner.trl_args import SEFTArguments, get_seft_config
 
 
 def nonzeros_per_layer(model) -> dict[str, int]:

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peft_seft import value_grad
-from peft_seft.sparse_ops import seft_linear
-from peft_seft.value_grad import (
+from peft_seft.tuner import value_grad
+from peft_seft.tuner.sparse_ops import seft_linear
+from peft_seft.tuner.value_grad import (
     ENV_VAR,
     IMPLEMENTATIONS,
     SamplePattern,

@@ -8,8 +8,8 @@ import torch
 from peft import get_peft_model
 
 from peft_seft import SEFTConfig, SEFTLayer
-from peft_seft.evolution import drop_count
-from peft_seft.window import GradientWindow
+from peft_seft.evolution.rounds import drop_count
+from peft_seft.evolution.window import GradientWindow
 from tests.conftest import VOCAB, tiny_llama
 
 

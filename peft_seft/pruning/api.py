@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sparsity import logical_weight, parse_nm_pattern
+from ..utils.sparsity import logical_weight, parse_nm_pattern
 from .blockwise import InputStatistics, prune_blockwise
 from .calibration import build_calibration
 from .masks import magnitude_mask, sparsegpt_prune, wanda_mask

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..sparsity import logical_weight
+from ..utils.sparsity import logical_weight
 
 logger = logging.getLogger(__name__)
 

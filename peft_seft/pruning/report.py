@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..sparsity import logical_weight, nm_group_counts, parse_nm_pattern
-from ..targets import find_target_linears, is_linear
+from ..utils.sparsity import logical_weight, nm_group_counts, parse_nm_pattern
+from ..utils.targets import find_target_linears, is_linear
 
 
 def select_targets(model: nn.Module, target_modules: str | Sequence[str] | None = None) -> dict[str, nn.Module]:

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peft_seft.pruning.masks import magnitude_mask, num_to_prune, sparsegpt_prune, wanda_mask
-from peft_seft.sparsity import nm_group_counts, parse_nm_pattern
+from peft_seft.utils.sparsity import nm_group_counts, parse_nm_pattern
 
 PROPERTY = settings(max_examples=40, deadline=None)
 

@@ -8,8 +8,8 @@ from conftest import TINY_MODELS, char_tokenizer, tiny_gpt2, tiny_llama, token_i
 from peft_seft.pruning import SparsityReport, build_calibration, prune, sparsity_report
 from peft_seft.pruning.blockwise import capture_block_inputs, find_blocks, prune_blockwise, run_block
 from peft_seft.pruning.masks import magnitude_mask
-from peft_seft.sparsity import logical_weight, nm_group_counts
-from peft_seft.targets import find_target_linears
+from peft_seft.utils.sparsity import logical_weight, nm_group_counts
+from peft_seft.utils.targets import find_target_linears
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 

@@ -7,8 +7,8 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
+from ..utils.sparsity import parse_nm_pattern
 from .registration import SEFT_PEFT_TYPE
-from .sparsity import parse_nm_pattern
 
 DROP_SCHEDULES = ("cosine", "linear")
 PRUNE_CRITERIA = ("sensitivity", "magnitude", "wanda")

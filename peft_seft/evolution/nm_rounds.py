@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from .evolution import Candidates, RoundCounts, RoundResult, drop_order
+from .rounds import Candidates, RoundCounts, RoundResult, drop_order
 
 
 def nm_group_of(positions: torch.Tensor, in_features: int, m: int) -> torch.Tensor:

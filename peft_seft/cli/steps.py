@@ -10,11 +10,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..pruning import SparsityReport, prune
+from ..tuner.cards import write_model_card
 from . import data, loading
-from .cards import write_model_card
 from .evaluation import perplexity
 from .finetune import TrainSettings, default_precision, seft_config, train_seft
-from .pruning import SparsityReport, prune
 from .reporting import write_report
 
 logger = logging.getLogger("peft_seft.cli")

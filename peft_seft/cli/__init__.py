@@ -19,10 +19,10 @@ from collections.abc import Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..pruning import METHODS
 from .errors import one_line
 from .loading import DTYPE_CHOICES
 from .outputs import expand
-from .pruning import METHODS
 
 COMMANDS = ("prune", "train", "eval", "merge", "repair", "push")
 DESCRIPTIONS = {

@@ -25,13 +25,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..evolution.nm_rounds import evolve_nm
+from ..evolution.rounds import Candidates, RoundCounts, RoundResult, evolve
+from ..evolution.window import GradientWindow
+from ..utils.sparsity import logical_weight, nm_group_counts, parse_nm_pattern
 from .config import SEFTConfig
-from .evolution import Candidates, RoundCounts, RoundResult, evolve
 from .fingerprint import weight_fingerprint
-from .nm_evolution import evolve_nm
 from .sparse_ops import SamplePattern, sampled_gradient, seft_linear
-from .sparsity import logical_weight, nm_group_counts, parse_nm_pattern
-from .window import GradientWindow
 
 EMPTY_SLOT = -1
 

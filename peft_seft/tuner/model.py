@@ -16,13 +16,13 @@ from peft.tuners.tuners_utils import (
 )
 from torch import nn
 
+from ..evolution.window import GradientWindow
+from ..utils.targets import check_supported_layer, default_target_pattern
 from .config import SEFTConfig
 from .fingerprint import trained_checksum, with_trained_checksum
 from .layer import SEFTLayer, SEFTLinear
-from .targets import check_supported_layer, default_target_pattern
 from .training import Evolution
 from .validation import AdapterValidationError, validate_adapter_state
-from .window import GradientWindow
 
 
 class SEFTModel(BaseTuner):

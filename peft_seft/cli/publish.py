@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..export.hub import push_adapter, push_sparse_model, require_repo_id
+from ..export.merging import MergeCheck
+from ..pruning import sparsity_report
 from . import loading
-from .hub import push_adapter, push_sparse_model, require_repo_id
-from .merging import MergeCheck
-from .pruning import sparsity_report
 
 
 def _provenance(base_dir: str) -> tuple[str | None, dict[str, Any]]:

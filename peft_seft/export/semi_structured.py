@@ -17,8 +17,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .sparsity import logical_weight, nm_group_counts, parse_nm_pattern
-from .targets import find_target_linears, is_linear
+from ..utils.sparsity import logical_weight, nm_group_counts, parse_nm_pattern
+from ..utils.targets import find_target_linears, is_linear
 
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .cards import hub_repo_id, sparse_model_card_text, write_model_card
+from ..tuner.cards import hub_repo_id, sparse_model_card_text, write_model_card
 
 logger = logging.getLogger(__name__)
 

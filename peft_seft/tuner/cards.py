@@ -258,7 +258,7 @@ def sparse_model_card_text(
 ) -> str:
     """The README.md of a sparse transformers model (a pruned base or a merged SEFT model): the sparsity of every
     target layer, the method, the model it came from (``base_model``, a Hub repo id or None) and how it was made."""
-    from .pruning import sparsity_report
+    from ..pruning import sparsity_report
 
     report = sparsity_report(model, pattern)
     base_id = hub_repo_id(base_model)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .evolution import RoundCounts, drop_count, drop_rate
+from ..evolution.rounds import RoundCounts, drop_count, drop_rate
 from .layer import EMPTY_SLOT, SEFTLayer
 
 logger = logging.getLogger("peft_seft")

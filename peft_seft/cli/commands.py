@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..export.merging import merge_and_save
+from ..pruning import sparsity_report
 from . import loading
-from .merging import merge_and_save
 from .outputs import check_output_dir, staged
-from .pruning import sparsity_report
 from .steps import (
     Timer,
     base_metrics,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .pruning.calibration import token_stream
+from ..pruning.calibration import token_stream
 
 
 def _eval_windows(stream: torch.Tensor, seq_len: int) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .cards import hub_repo_id
+from ..tuner.cards import hub_repo_id
 from .errors import one_line
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .evolution import Candidates
+from .rounds import Candidates
 
 
 class GradientWindow:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .config import SEFTConfig
+from ..tuner.config import SEFTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _checkpointing_field() -> str:
 def topology_per_layer(peft_model: Any, adapter_name: str = "default") -> list[dict[str, Any]]:
     """Where evolution moved the topology, per SEFT layer: pruned weights of the base that are now trainable
     (re-activated) and frozen weights SEFT pruned to pay for them (re-pruned)."""
-    from .layer import EMPTY_SLOT, SEFTLayer
+    from ..tuner.layer import EMPTY_SLOT, SEFTLayer
 
     rows = []
     with torch.no_grad():
@@ -160,7 +160,7 @@ def train_seft(
     prompt/completion)."""
     from trl import SFTTrainer
 
-    from .callbacks import SEFTCallback
+    from ..tuner.callbacks import SEFTCallback
 
     trainer = SFTTrainer(
         model=model,

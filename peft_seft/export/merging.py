@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .pruning import SparsityReport, sparsity_report
+from ..pruning import SparsityReport, sparsity_report
 
 logger = logging.getLogger(__name__)
 
