@@ -12,7 +12,7 @@ from peft.utils import PeftType
 from peft_seft import cli
 from peft_seft.utils.compat import SUPPORTED_PEFT, check_peft_version
 
-PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
 
 
 @pytest.mark.parametrize("version", ["0.20.0", "0.18.1", "0.22.0", "1.0.0"])

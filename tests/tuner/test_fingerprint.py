@@ -21,7 +21,7 @@ from peft_seft.tuner.fingerprint import (
 )
 from peft_seft.tuner.validation import AdapterValidationError
 from tests.conftest import nonzeros_per_layer, tiny_llama
-from tests.test_validation import evolve_by_hand_
+from tests.tuner.test_validation import evolve_by_hand_
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 

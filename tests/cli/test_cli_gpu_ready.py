@@ -26,7 +26,7 @@ QUIET = ["--no-progress", "-q", "--threads", "1"]
 DATA = ["--seq-len", "48", "--eval-tokens", "256"]
 TRAIN = ["--batch-size", "4", "--lr", "1e-2", "--density", "0.1", "--update-interval", "2", "--selection-steps", "1"]
 TRAIN += ["--logging-steps", "1"]
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from peft_seft.export.semi_structured import nm_compliance, to_semi_structured
 from peft_seft.utils.sparsity import logical_weight, nm_group_counts, parse_nm_pattern
 from peft_seft.utils.targets import find_target_linears
 from tests.conftest import VOCAB, tiny_llama
-from tests.test_evolution import train_student, window_round
+from tests.evolution.test_rounds import train_student, window_round
 
 PATTERNS = ["1:2", "2:4", "4:8", "1:4"]
 

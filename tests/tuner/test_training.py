@@ -9,7 +9,7 @@ import torch
 from peft import get_peft_model
 
 from peft_seft import SEFTConfig, SEFTLayer
-from tests.test_evolution import check_invariants
+from tests.evolution.test_rounds import check_invariants
 
 
 class TwoLayers(torch.nn.Module):

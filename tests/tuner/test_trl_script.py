@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import save_tiny_llama, write_chats
 from huggingface_hub import ModelCard
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -19,13 +18,14 @@ from transformers import AutoModelForCausalLM
 from peft_seft.export.hub_standin import HubStandIn
 from peft_seft.pruning import prune, sparsity_report
 from peft_seft.tuner.trl_args import SEFTArguments, get_seft_config
+from tests.cli.cli_helpers import save_tiny_llama, write_chats
 
 
 def nonzeros_per_layer(model) -> dict[str, int]:
     return {layer.name: layer.nonzeros for layer in sparsity_report(model).layers}
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "sft_seft.py"
 ARGS = ["--max_steps", "4", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--max_length", "64"]
 ARGS += ["--bf16", "False", "--report_to", "none", "--logging_steps", "1", "--save_strategy", "no"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from baselines import (  # noqa: E402
     MaskedLoRALinear,
     apply_masked_lora,

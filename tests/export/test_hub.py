@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import char_tokenizer, tiny_llama
 from huggingface_hub import ModelCard, constants
 from peft import PeftModel, get_peft_model
 
@@ -22,6 +21,7 @@ from peft_seft.export.hub import push_adapter, push_sparse_model
 from peft_seft.export.hub_standin import HubStandIn
 from peft_seft.pruning import prune, sparsity_report
 from peft_seft.tuner.cards import model_card_text, write_model_card
+from tests.cli.cli_helpers import char_tokenizer, tiny_llama
 
 SETTINGS = {"update_interval": 2, "selection_steps": 1, "initial_drop_rate": 0.3, "drop_schedule": "linear"}
 DENSE = "org/tiny-llama"  # the dense model the pruned one comes from (known to the stand-in)

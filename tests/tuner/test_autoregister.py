@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 from peft_seft import SEFTConfig
 from tests.conftest import tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PTH = "peft-seft-autoregister.pth"
 
 # One fresh process loads three ways; transformers' load_adapter first, as it imports peft on its own.
