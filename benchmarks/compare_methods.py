@@ -202,20 +202,10 @@ def reset_peak_rss() -> bool:
 
 
 def tiny_llama(vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from peft_seft.testing import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
+    dense = {"sparsity": 0.0, "eval_mode": False, "intermediate_size": 128, "max_position_embeddings": 512}
+    return tiny_llama(vocab_size=vocab_size, tie_word_embeddings=True, **dense)
 
 
 def target_linears(model) -> dict[str, torch.nn.Linear]:

@@ -3,10 +3,6 @@
 This old path keeps working: the module only re-exports; see ARCHITECTURE.md (public paths).
 """
 
-from .cli.evaluation import (
-    perplexity,
-)
+from .cli.evaluation import perplexity
 
-__all__ = [
-    "perplexity",
-]
+__all__ = ["perplexity"]

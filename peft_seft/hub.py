@@ -3,14 +3,6 @@
 This old path keeps working: the module only re-exports; see ARCHITECTURE.md (public paths).
 """
 
-from .export.hub import (
-    push_adapter,
-    push_sparse_model,
-    require_repo_id,
-)
+from .export.hub import push_adapter, push_sparse_model, require_repo_id
 
-__all__ = [
-    "push_adapter",
-    "push_sparse_model",
-    "require_repo_id",
-]
+__all__ = ["push_adapter", "push_sparse_model", "require_repo_id"]

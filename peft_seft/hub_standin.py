@@ -3,18 +3,6 @@
 This old path keeps working: the module only re-exports; see ARCHITECTURE.md (public paths).
 """
 
-from .export.hub_standin import (
-    RELATIONS,
-    REPO_ID,
-    HubStandIn,
-    Repo,
-    valid_repo_id,
-)
+from .export.hub_standin import RELATIONS, REPO_ID, HubStandIn, Repo, valid_repo_id
 
-__all__ = [
-    "RELATIONS",
-    "REPO_ID",
-    "HubStandIn",
-    "Repo",
-    "valid_repo_id",
-]
+__all__ = ["RELATIONS", "REPO_ID", "HubStandIn", "Repo", "valid_repo_id"]

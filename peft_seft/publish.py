@@ -3,12 +3,6 @@
 This old path keeps working: the module only re-exports; see ARCHITECTURE.md (public paths).
 """
 
-from .cli.publish import (
-    publish,
-    publish_run,
-)
+from .cli.publish import publish, publish_run
 
-__all__ = [
-    "publish",
-    "publish_run",
-]
+__all__ = ["publish", "publish_run"]

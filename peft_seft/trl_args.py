@@ -3,12 +3,6 @@
 This old path keeps working: the module only re-exports; see ARCHITECTURE.md (public paths).
 """
 
-from .tuner.trl_args import (
-    SEFTArguments,
-    get_seft_config,
-)
+from .tuner.trl_args import SEFTArguments, get_seft_config
 
-__all__ = [
-    "SEFTArguments",
-    "get_seft_config",
-]
+__all__ = ["SEFTArguments", "get_seft_config"]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import save_tiny_llama, write_corpus
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from peft_seft.cli import COMMANDS, main
+from peft_seft.testing import save_tiny_llama, write_corpus
 from peft_seft.utils.sparsity import logical_weight
 from peft_seft.utils.targets import find_target_linears
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import pruned_workspace
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peft_seft import SEFTConfig
 from peft_seft.cli import main
+from peft_seft.testing import pruned_workspace
 
 QUIET = ["--no-progress", "-q", "--threads", "1"]
 DATA = ["--seq-len", "32", "--eval-tokens", "256"]

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import pruned_workspace, write_chats
 from huggingface_hub import ModelCard, constants
 from safetensors.torch import load_file
 from test_cli import nonzeros
 
 from peft_seft.cli import build_parser, finetune, loading, main
 from peft_seft.export.hub_standin import HubStandIn
+from peft_seft.testing import pruned_workspace, write_chats
 
 QUIET = ["--no-progress", "-q", "--threads", "1"]
 DATA = ["--seq-len", "48", "--eval-tokens", "256"]

@@ -7,9 +7,9 @@ import json
 import datasets
 import pytest
 import torch
-from cli_helpers import char_tokenizer, documents, write_corpus
 
 from peft_seft.cli import data
+from peft_seft.testing import chat_tokenizer, documents, write_corpus
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "txt"])
@@ -85,7 +85,7 @@ def test_split_documents_keeps_order_and_fills_every_part():
 
 
 def test_token_stream_chunk_and_lm_dataset():
-    tokenizer = char_tokenizer()
+    tokenizer = chat_tokenizer()
     stream = data.token_stream(["ab", "cde"], tokenizer)
     assert stream.tolist() == [*tokenizer("ab")["input_ids"], tokenizer.eos_token_id, *tokenizer("cde")["input_ids"]]
     assert data.token_stream(["ab", "cde"], tokenizer, max_tokens=4).numel() == 4

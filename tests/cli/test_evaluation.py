@@ -2,28 +2,19 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from peft_seft.cli.evaluation import perplexity
 from peft_seft.pruning.calibration import token_stream
+from peft_seft.testing import char_tokenizer, tiny_llama
 
 VOCAB = 128
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+    dense = {"eval_mode": False, "vocab_size": VOCAB, "max_position_embeddings": 64}
+    return tiny_llama(0.0, hidden_size=32, intermediate_size=64, **dense)
 
 
 def hand_computed_perplexity(model, stream, seq_len):
@@ -56,9 +47,7 @@ def test_uniform_predictions_give_the_vocabulary_size(model):
 
 def test_texts_are_tokenized_and_joined_with_eos(model):
     vocab = {"<eos>": 0, "<unk>": 1} | {chr(c): c - 30 for c in range(32, 127)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    tokenizer = char_tokenizer(pad=False)
     texts = ["x = 1 + 2", "print(x)"]
     stream = token_stream(texts, tokenizer)
     assert stream.tolist() == [vocab[c] for c in texts[0]] + [0] + [vocab[c] for c in texts[1]]

@@ -14,9 +14,9 @@ from peft_seft import SEFTConfig, SEFTLayer, SEFTLinear
 from peft_seft.evolution.nm_rounds import evolve_nm, nm_group_of, nm_group_positions
 from peft_seft.evolution.rounds import Candidates
 from peft_seft.export.semi_structured import nm_compliance, to_semi_structured
+from peft_seft.testing import VOCAB, tiny_llama
 from peft_seft.utils.sparsity import logical_weight, nm_group_counts, parse_nm_pattern
 from peft_seft.utils.targets import find_target_linears
-from tests.conftest import VOCAB, tiny_llama
 from tests.evolution.test_rounds import train_student, window_round
 
 PATTERNS = ["1:2", "2:4", "4:8", "1:4"]

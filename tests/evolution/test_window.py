@@ -10,7 +10,7 @@ from peft import get_peft_model
 from peft_seft import SEFTConfig, SEFTLayer
 from peft_seft.evolution.rounds import drop_count
 from peft_seft.evolution.window import GradientWindow
-from tests.conftest import VOCAB, tiny_llama
+from peft_seft.testing import VOCAB, tiny_llama
 
 
 def feed(window: GradientWindow, steps: list[torch.Tensor], weight: torch.Tensor) -> None:

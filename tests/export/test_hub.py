@@ -20,8 +20,8 @@ from peft_seft import SEFTConfig
 from peft_seft.export.hub import push_adapter, push_sparse_model
 from peft_seft.export.hub_standin import HubStandIn
 from peft_seft.pruning import prune, sparsity_report
+from peft_seft.testing import chat_tokenizer, tiny_char_llama
 from peft_seft.tuner.cards import model_card_text, write_model_card
-from tests.cli.cli_helpers import char_tokenizer, tiny_llama
 
 SETTINGS = {"update_interval": 2, "selection_steps": 1, "initial_drop_rate": 0.3, "drop_schedule": "linear"}
 DENSE = "org/tiny-llama"  # the dense model the pruned one comes from (known to the stand-in)
@@ -31,7 +31,7 @@ LOADER = Path(__file__).with_name("load_from_hub.py")
 
 def seft_model(train_steps: int = 0, name: str = "org/tiny-llama-pruned"):
     torch.manual_seed(0)
-    model = tiny_llama()
+    model = tiny_char_llama()
     prune(model, "magnitude", 0.5, show_progress=False)
     model.name_or_path = model.config._name_or_path = name
     config = SEFTConfig(task_type="CAUSAL_LM", density=0.1, total_steps=8, random_seed=0, **SETTINGS)
@@ -87,7 +87,7 @@ def test_card_is_kept_when_a_loaded_adapter_is_saved_again(trained, tmp_path):
     trained.save_pretrained(tmp_path, save_embedding_layers=False)
     write_model_card(trained, tmp_path, extra={"dataset": "docs"})
     first = (tmp_path / "README.md").read_text()
-    base = tiny_llama()
+    base = tiny_char_llama()
     prune(base, "magnitude", 0.5, show_progress=False)
     reloaded = PeftModel.from_pretrained(base, tmp_path)
     reloaded.save_pretrained(tmp_path, save_embedding_layers=False)  # no rounds in this session, no extra
@@ -135,8 +135,8 @@ def test_the_standin_rejects_what_the_hub_rejects(hub):
 
 
 def test_publish_pruned_base_adapter_and_merged_model_and_load_them_in_a_fresh_process(trained, hub, tmp_path):
-    tokenizer = char_tokenizer()
-    base = tiny_llama()
+    tokenizer = chat_tokenizer()
+    base = tiny_char_llama()
     prune(base, "magnitude", 0.5, show_progress=False)
     how = {"pruning": "magnitude, sparsity 0.5"}
     push_sparse_model(base, "me/tiny-pruned", tokenizer, DENSE, "Tiny Llama, 50 % pruned", how, token=TOKEN)

@@ -1,69 +1,37 @@
+"""The pruning tests' tiny models: dense (unpruned), in training mode, with char_tokenizer(pad=False)'s ids."""
+
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
 
-VOCAB = 128
+from peft_seft import testing
+from peft_seft.testing import CHAR_VOCAB as VOCAB
+
+DENSE = {"sparsity": 0.0, "eval_mode": False, "vocab_size": VOCAB}
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
+def tiny_llama():
+    return testing.tiny_llama(**DENSE, intermediate_size=128, max_position_embeddings=128)
+
+
+def tiny_gpt2():
+    return testing.tiny_gpt2(**DENSE, n_embd=64, n_positions=128, bos_token_id=0, eos_token_id=0)
+
+
+def tiny_bert():
+    return testing.tiny_bert(
+        **DENSE, masked_lm=True, hidden_size=64, intermediate_size=128, max_position_embeddings=128
     )
-    return LlamaForCausalLM(config)
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=0, eos_token_id=0
-    )
-    return GPT2LMHeadModel(config)
-
-
-def tiny_bert() -> BertForMaskedLM:
-    torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-    )
-    return BertForMaskedLM(config)
 
 
 TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
 
-def token_ids(num_samples: int = 8, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (num_samples, seq_len), generator=torch.Generator().manual_seed(seed))
+def token_ids(num_samples: int = 8, seq_len: int = 32, seed: int = 0):
+    return testing.token_ids(num_samples, seq_len, seed, vocab_size=VOCAB)
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer built in code (ids < 128), so no tokenizer is downloaded."""
-    vocab = {"<eos>": 0, "<unk>": 1}
-    for code in range(32, 127):
-        vocab[chr(code)] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+def char_tokenizer():
+    """<eos>=0, <unk>=1, then printable ASCII (ids < VOCAB)."""
+    return testing.char_tokenizer(pad=False)
 
 
 @pytest.fixture(params=sorted(TINY_MODELS))

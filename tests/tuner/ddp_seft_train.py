@@ -17,7 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from seft_training_helpers import (
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+import peft_seft.tuner.training as seft_training
+from peft_seft import SEFTConfig, SEFTLayer
+from peft_seft.testing import (
     adapter_snapshot,
     char_tokenizer,
     seft_layers,
@@ -25,11 +30,6 @@ from seft_training_helpers import (
     text_dataset,
     tiny_pruned_llama,
 )
-from transformers import TrainerCallback
-from trl import SFTTrainer
-
-import peft_seft.tuner.training as seft_training
-from peft_seft import SEFTConfig, SEFTLayer
 
 MAX_STEPS, UPDATE_INTERVAL, SELECTION_STEPS = 12, 5, 2
 NONFINITE_LAYERS = ("model.layers.1.mlp.up_proj", "model.layers.0.self_attn.q_proj")  # rank 0's, rank 1's

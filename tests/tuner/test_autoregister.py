@@ -15,7 +15,7 @@ from peft import get_peft_model
 from transformers import LlamaForCausalLM
 
 from peft_seft import SEFTConfig
-from tests.conftest import tiny_llama
+from peft_seft.testing import tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 PTH = "peft-seft-autoregister.pth"

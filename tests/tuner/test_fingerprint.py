@@ -11,6 +11,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_seft import SEFTConfig, SEFTLayer
+from peft_seft.testing import nonzeros_per_layer, tiny_llama
 from peft_seft.tuner.fingerprint import (
     ALREADY_MERGED,
     fingerprint_mismatch,
@@ -20,7 +21,6 @@ from peft_seft.tuner.fingerprint import (
     with_trained_checksum,
 )
 from peft_seft.tuner.validation import AdapterValidationError
-from tests.conftest import nonzeros_per_layer, tiny_llama
 from tests.tuner.test_validation import evolve_by_hand_
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"

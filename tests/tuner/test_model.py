@@ -23,8 +23,8 @@ from transformers import (
 import peft_seft
 from peft_seft import SEFTConfig, SEFTLayer
 from peft_seft.evolution.rounds import structural_active_count
+from peft_seft.testing import TINY_MODELS, VOCAB, nonzeros_per_layer, tiny_llama
 from peft_seft.utils.sparsity import logical_weight
-from tests.conftest import TINY_MODELS, VOCAB, nonzeros_per_layer, tiny_llama
 
 
 def outputs(model, input_ids):

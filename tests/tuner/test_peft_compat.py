@@ -10,7 +10,7 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_seft import SEFTConfig, SEFTLayer
-from tests.conftest import tiny_gpt2, tiny_llama
+from peft_seft.testing import tiny_gpt2, tiny_llama
 
 
 class MLP(nn.Module):

@@ -15,7 +15,10 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors import safe_open
-from seft_training_helpers import (
+from trl import SFTTrainer
+
+from peft_seft import SEFTCallback, SEFTConfig, SEFTLayer
+from peft_seft.testing import (
     adapter_snapshot,
     base_linear_weights,
     char_tokenizer,
@@ -25,9 +28,6 @@ from seft_training_helpers import (
     tiny_pruned_llama,
     token_batch,
 )
-from trl import SFTTrainer
-
-from peft_seft import SEFTCallback, SEFTConfig, SEFTLayer
 
 TESTS_DIR = Path(__file__).resolve().parent
 ROUND_KEYS = ("dropped", "grown", "reactivated", "repruned", "restored", "active", "budget")
@@ -357,7 +357,6 @@ def run_ddp(out_dir: Path, *flags: str) -> list[dict]:
         *flags,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
     process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=TESTS_DIR)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-6000:]
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]

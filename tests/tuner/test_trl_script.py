@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from peft_seft.export.hub_standin import HubStandIn
 from peft_seft.pruning import prune, sparsity_report
+from peft_seft.testing import save_tiny_llama, write_chats
 from peft_seft.tuner.trl_args import SEFTArguments, get_seft_config
-from tests.cli.cli_helpers import save_tiny_llama, write_chats
 
 
 def nonzeros_per_layer(model) -> dict[str, int]:

@@ -8,7 +8,7 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_seft import SEFTConfig, SEFTLayer
-from tests.conftest import tiny_llama
+from peft_seft.testing import tiny_llama
 
 TARGET = "model.layers.1.mlp.down_proj"
 

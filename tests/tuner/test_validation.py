@@ -15,10 +15,10 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_seft import SEFTConfig, SEFTLayer
+from peft_seft.testing import nonzeros_per_layer, tiny_llama
 from peft_seft.tuner.layer import EMPTY_SLOT
 from peft_seft.tuner.validation import AdapterValidationError
 from peft_seft.utils.sparsity import logical_weight
-from tests.conftest import nonzeros_per_layer, tiny_llama
 
 LAYER = "base_model.model.model.layers.0.self_attn.q_proj"
 WEIGHTS = "adapter_model.safetensors"
