@@ -38,7 +38,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's peft_seft, installed or not
 import step_speed  # noqa: E402
@@ -48,6 +48,7 @@ from baselines import apply_masked_lora  # noqa: E402
 import peft_seft  # noqa: E402
 from peft_seft.export import nm_compliance, to_semi_structured  # noqa: E402
 from peft_seft.pruning import prune  # noqa: E402
+from peft_seft.testing import tiny_llama  # noqa: E402
 from peft_seft.tuner.value_grad import IMPLEMENTATIONS, set_value_grad_implementation  # noqa: E402
 from peft_seft.utils.sparsity import logical_weight  # noqa: E402
 from peft_seft.utils.targets import find_target_linears  # noqa: E402
@@ -88,18 +89,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def small_llama(hidden: int, intermediate: int, layers: int, vocab: int, device: torch.device) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=256,
-    )
+    sizes = {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers, "vocab_size": vocab}
     with device:
-        return LlamaForCausalLM(config)
+        return tiny_llama(0.0, eval_mode=False, max_position_embeddings=256, **sizes)
 
 
 def train_seft(model: nn.Module, config: peft_seft.SEFTConfig, steps: int, shape: tuple[int, int], autocast_dtype):

@@ -1,4 +1,4 @@
-"""Loading, splitting, tokenizing and chunking datasets for the ``seft`` command (peft_seft/data.py)."""
+"""Loading, splitting, tokenizing and chunking datasets for the ``seft`` command (peft_seft/cli/data.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""SEFT model cards and Hub publishing, against a local stand-in for the Hub's HTTP API (peft_seft/hub_standin.py) that
-validates metadata as the Hub does. A fresh process then loads what was published, from the stand-in, with the
-lines of the cards' usage snippets and reproduces the uploader's logits."""
+"""SEFT model cards and Hub publishing, against a local stand-in for the Hub's HTTP API
+(peft_seft/export/hub_standin.py) that validates metadata as the Hub does. A fresh process then loads what was
+published, from the stand-in, with the lines of the cards' usage snippets and reproduces the uploader's logits."""
 
 from __future__ import annotations
 
