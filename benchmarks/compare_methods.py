@@ -66,6 +66,8 @@ EXTRA_METHODS = [  # only run when named in --methods
     "seft_4x",
     "seft_16x",
     "seft_seeded",
+    "seft_warmup",
+    "seft_no_regrow_warmup",
     "seft_no_regrow_seeded",
     "seft_magnitude_seeded",
     "seft_sensitivity_mean_abs_seeded",
@@ -73,7 +75,8 @@ EXTRA_METHODS = [  # only run when named in --methods
 ]
 # SEFT variants: SEFTConfig overrides, and the trainable count as a multiple of LoRA's (seft_4x, seft_16x: the
 # equal-memory view, SEFT given more values for the memory masked LoRA takes). The *_seeded variants seed Adam's
-# moments of grown entries (seed_optimizer_state=True), the default while part of the 2026-11-30 runs were made.
+# moments of grown entries (grown_optimizer_state="seed", the default while part of the 2026-11-30 runs were made);
+# the *_warmup variants seed only the second moment.
 SEFT_VARIANTS = {
     "seft": ({}, 1),
     "seft_static": ({"initial_drop_rate": 0.0}, 1),
@@ -83,11 +86,13 @@ SEFT_VARIANTS = {
     "seft_reselect": ({"full_reselection_first": True}, 1),
     "seft_4x": ({}, 4),
     "seft_16x": ({}, 16),
-    "seft_seeded": ({"seed_optimizer_state": True}, 1),
-    "seft_no_regrow_seeded": ({"grow_pruned": False, "seed_optimizer_state": True}, 1),
-    "seft_magnitude_seeded": ({"prune_criterion": "magnitude", "seed_optimizer_state": True}, 1),
-    "seft_sensitivity_mean_abs_seeded": ({"sensitivity_statistic": "mean_abs", "seed_optimizer_state": True}, 1),
-    "seft_nm_reactivate_seeded": ({"grow_pruned": True, "seed_optimizer_state": True}, 1),
+    "seft_seeded": ({"grown_optimizer_state": "seed"}, 1),
+    "seft_warmup": ({"grown_optimizer_state": "warmup"}, 1),
+    "seft_no_regrow_warmup": ({"grow_pruned": False, "grown_optimizer_state": "warmup"}, 1),
+    "seft_no_regrow_seeded": ({"grow_pruned": False, "grown_optimizer_state": "seed"}, 1),
+    "seft_magnitude_seeded": ({"prune_criterion": "magnitude", "grown_optimizer_state": "seed"}, 1),
+    "seft_sensitivity_mean_abs_seeded": ({"sensitivity_statistic": "mean_abs", "grown_optimizer_state": "seed"}, 1),
+    "seft_nm_reactivate_seeded": ({"grow_pruned": True, "grown_optimizer_state": "seed"}, 1),
 }
 LABELS = {
     "dense": "dense (unpruned reference)",
@@ -101,6 +106,8 @@ LABELS = {
     "seft_4x": "SEFT, 4x the trainable values (equal-memory view)",
     "seft_16x": "SEFT, 16x the trainable values (equal-memory view)",
     "seft_seeded": "SEFT, seeded Adam moments",
+    "seft_warmup": "SEFT, warm-up of grown entries (seeded second moment)",
+    "seft_no_regrow_warmup": "SEFT grow_pruned=False, warm-up of grown entries",
     "seft_no_regrow_seeded": "SEFT grow_pruned=False, seeded Adam moments",
     "seft_magnitude_seeded": "SEFT prune_criterion=magnitude, seeded Adam moments",
     "seft_sensitivity_mean_abs_seeded": "SEFT sensitivity mean |W g|, seeded Adam moments",
