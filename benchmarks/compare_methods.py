@@ -64,16 +64,20 @@ NM_METHODS = ["pruned", "seft", "seft_nm_reactivate", "seft_static", "lora", "ma
 EXTRA_METHODS = [  # only run when named in --methods
     "seft_reselect",
     "seft_4x",
+    "seft_8x",
     "seft_16x",
     "seft_seeded",
+    "seft_warmup",
+    "seft_no_regrow_warmup",
     "seft_no_regrow_seeded",
     "seft_magnitude_seeded",
     "seft_sensitivity_mean_abs_seeded",
     "seft_nm_reactivate_seeded",
 ]
-# SEFT variants: SEFTConfig overrides, and the trainable count as a multiple of LoRA's (seft_4x, seft_16x: the
+# SEFT variants: SEFTConfig overrides, and the trainable count as a multiple of LoRA's (seft_4x, seft_8x, seft_16x: the
 # equal-memory view, SEFT given more values for the memory masked LoRA takes). The *_seeded variants seed Adam's
-# moments of grown entries (seed_optimizer_state=True), the default while part of the 2026-11-30 runs were made.
+# moments of grown entries (grown_optimizer_state="seed", the default while part of the 2026-11-30 runs were made);
+# the *_warmup variants seed only the second moment.
 SEFT_VARIANTS = {
     "seft": ({}, 1),
     "seft_static": ({"initial_drop_rate": 0.0}, 1),
@@ -82,12 +86,15 @@ SEFT_VARIANTS = {
     "seft_nm_reactivate": ({"grow_pruned": True}, 1),
     "seft_reselect": ({"full_reselection_first": True}, 1),
     "seft_4x": ({}, 4),
+    "seft_8x": ({}, 8),
     "seft_16x": ({}, 16),
-    "seft_seeded": ({"seed_optimizer_state": True}, 1),
-    "seft_no_regrow_seeded": ({"grow_pruned": False, "seed_optimizer_state": True}, 1),
-    "seft_magnitude_seeded": ({"prune_criterion": "magnitude", "seed_optimizer_state": True}, 1),
-    "seft_sensitivity_mean_abs_seeded": ({"sensitivity_statistic": "mean_abs", "seed_optimizer_state": True}, 1),
-    "seft_nm_reactivate_seeded": ({"grow_pruned": True, "seed_optimizer_state": True}, 1),
+    "seft_seeded": ({"grown_optimizer_state": "seed"}, 1),
+    "seft_warmup": ({"grown_optimizer_state": "warmup"}, 1),
+    "seft_no_regrow_warmup": ({"grow_pruned": False, "grown_optimizer_state": "warmup"}, 1),
+    "seft_no_regrow_seeded": ({"grow_pruned": False, "grown_optimizer_state": "seed"}, 1),
+    "seft_magnitude_seeded": ({"prune_criterion": "magnitude", "grown_optimizer_state": "seed"}, 1),
+    "seft_sensitivity_mean_abs_seeded": ({"sensitivity_statistic": "mean_abs", "grown_optimizer_state": "seed"}, 1),
+    "seft_nm_reactivate_seeded": ({"grow_pruned": True, "grown_optimizer_state": "seed"}, 1),
 }
 LABELS = {
     "dense": "dense (unpruned reference)",
@@ -99,8 +106,11 @@ LABELS = {
     "seft_nm_reactivate": "SEFT in-group re-activation",
     "seft_reselect": "SEFT full_reselection_first=True (extra)",
     "seft_4x": "SEFT, 4x the trainable values (equal-memory view)",
+    "seft_8x": "SEFT, 8x the trainable values (equal-memory view)",
     "seft_16x": "SEFT, 16x the trainable values (equal-memory view)",
     "seft_seeded": "SEFT, seeded Adam moments",
+    "seft_warmup": "SEFT, warm-up of grown entries (seeded second moment)",
+    "seft_no_regrow_warmup": "SEFT grow_pruned=False, warm-up of grown entries",
     "seft_no_regrow_seeded": "SEFT grow_pruned=False, seeded Adam moments",
     "seft_magnitude_seeded": "SEFT prune_criterion=magnitude, seeded Adam moments",
     "seft_sensitivity_mean_abs_seeded": "SEFT sensitivity mean |W g|, seeded Adam moments",
@@ -166,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="learning-rate sweep (on --sweep-setting) instead")
     p.add_argument("--sweep-setting", default="50%", choices=list(SETTINGS), help="the setting the sweep runs on")
     p.add_argument("--sweep-lrs", nargs="+", type=float, help="learning rates to sweep (default: a grid per method)")
-    p.add_argument("--sweep-steps", type=int, default=16, help="default: the same as --steps")
+    p.add_argument("--sweep-steps", type=int, default=16, help="optimizer steps per sweep run")
     p.add_argument("--sweep-jobs", type=int, default=2, help="sweep children run in parallel (no timings taken)")
     p.add_argument("--sweep-eval-tokens", type=int, default=1024, help="validation tokens (calibration split)")
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "seft_compare_methods")

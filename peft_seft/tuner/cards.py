@@ -28,7 +28,7 @@ EVOLUTION_SETTINGS = (
     "full_reselection_first",
     "grow_pruned",
     "prune_criterion",
-    "seed_optimizer_state",
+    "grown_optimizer_state",
     "total_steps",
 )
 PAPER = "https://arxiv.org/abs/2505.24037"

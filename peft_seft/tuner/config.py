@@ -13,6 +13,7 @@ from .registration import SEFT_PEFT_TYPE
 DROP_SCHEDULES = ("cosine", "linear")
 PRUNE_CRITERIA = ("sensitivity", "magnitude", "wanda")
 WINDOW_STATISTICS = ("abs_sum", "mean_abs")
+GROWN_OPTIMIZER_STATES = ("zero", "warmup", "seed")
 
 
 @dataclass
@@ -154,14 +155,15 @@ class SEFTConfig(PeftConfig):
             "Larger values find more of the exact best positions at a higher window cost."
         },
     )
-    seed_optimizer_state: bool = field(
-        default=False,
+    grown_optimizer_state: Literal["zero", "warmup", "seed"] = field(
+        default="zero",
         metadata={
-            "help": "For Adam-family optimizers, seed the moments of grown entries with the mean and mean square of "
-            "their window gradients (SpIEL), so that their first update has the size of an established entry's. Off "
-            "by default: on Wanda-70% SmolLM2 (64 steps) seeding made every round spike the loss (held-out perplexity "
-            "91.9 against 59.2 with zeroed moments). False zeroes the state of changed slots, as for every other "
-            "optimizer."
+            "help": "Optimizer state of a slot whose position changed. 'zero': zeroed, for any torch optimizer (with "
+            "Adam the first update of a grown entry is then about 0.5x an established entry's early in training and "
+            "about 3x late). Adam family only: 'warmup' seeds the second moment with the window's mean square "
+            "gradient and zeroes the first, so the entry's updates ramp up with its momentum from (1 - beta1) of "
+            "an established entry's size at any step; 'seed' seeds both moments with the window's mean and mean "
+            "square (SpIEL): full-size first updates, which made every round spike the loss on Wanda-70% SmolLM2."
         },
     )
     total_steps: int | None = field(
@@ -224,6 +226,8 @@ class SEFTConfig(PeftConfig):
                 parse_nm_pattern(self.pattern)
             except ValueError as error:
                 fail("pattern", f"{error} Use None for unstructured sparsity")
-        for name in ("grow_pruned", "init_weights", "full_reselection_first", "seed_optimizer_state"):
+        if self.grown_optimizer_state not in GROWN_OPTIMIZER_STATES:
+            fail("grown_optimizer_state", f"allowed values are {GROWN_OPTIMIZER_STATES}")
+        for name in ("grow_pruned", "init_weights", "full_reselection_first"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "it must be True or False")

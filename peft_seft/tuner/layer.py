@@ -284,7 +284,6 @@ class SEFTLayer(BaseTunerLayer):
             return None
         indices, values = self.seft_indices[adapter_name], self.seft_values[adapter_name]
         pruned_buffer = self.seft_pruned[adapter_name]
-        weight = self.effective_weight([adapter_name]).reshape(-1)
         pruned = self.pruned_positions(adapter_name)
         trainable_scores, grow = window.growth(config.growth_statistic)
         restore_scores = window.at(pruned, config.sensitivity_statistic) * self.base_values_at(pruned).float().abs()
@@ -299,11 +298,16 @@ class SEFTLayer(BaseTunerLayer):
             "grow_pruned": config.grow_pruned,
             "trainable_scores": trainable_scores,
         }
+        # W outside T is frozen during the window: the window's |W| at its candidates still holds. The whole W is
+        # formed only where a criterion needs it.
+        weight = None
+        if adapter_name in self._nm_patterns or config.prune_criterion != "sensitivity":
+            weight = self.effective_weight([adapter_name]).reshape(-1)
         if adapter_name in self._nm_patterns:
             result = self._evolve_nm(adapter_name, window, weight, config, common)
         else:
             prune = self._prune_candidates(adapter_name, window, weight, config)
-            result = evolve(grow_inactive=weight[grow.positions] == 0, prune=prune, **common)
+            result = evolve(grow_inactive=window.weight_abs[window.is_grow] == 0, prune=prune, **common)
         with torch.no_grad():
             indices.copy_(result.indices.to(indices.dtype))
             pruned_buffer.fill_(EMPTY_SLOT)
@@ -330,14 +334,13 @@ class SEFTLayer(BaseTunerLayer):
         )
 
     def _prune_candidates(
-        self, adapter_name: str, window: GradientWindow, weight: torch.Tensor, config: SEFTConfig
+        self, adapter_name: str, window: GradientWindow, weight: torch.Tensor | None, config: SEFTConfig
     ) -> Candidates:
-        """Frozen active positions (non-zero, not trainable) with the smallest scores, at most K of them."""
-        trainable = self.seft_indices[adapter_name].long()
+        """Frozen active positions (non-zero, not trainable) with the smallest scores, at most K of them.
+        ``weight``: the flat W, needed by the magnitude and Wanda criteria only."""
         if config.prune_criterion == "sensitivity":
-            candidates = window.sensitivity(config.sensitivity_statistic)
-            still_frozen = (weight[candidates.positions] != 0) & ~torch.isin(candidates.positions, trainable)
-            return Candidates(candidates.positions[still_frozen], candidates.scores[still_frozen])
+            return window.sensitivity(config.sensitivity_statistic)  # chosen among frozen active weights
+        trainable = self.seft_indices[adapter_name].long()
         scores = weight.abs().float()
         if config.prune_criterion == "wanda":
             column_norms = (window.column_sq_sums / window.steps).sqrt()

@@ -188,13 +188,15 @@ class Evolution:
             counts, _, window = outcome
             changed = layer.seft_indices[name] != old_indices
             seed = None
-            if config.seed_optimizer_state:
+            if config.grown_optimizer_state != "zero":
                 positions = layer.seft_indices[name][changed].long()
                 if window is not None:
                     seed = window.optimizer_seed(positions)
                 else:  # rank 0 ran this layer's round, this rank had no window: rank 0's seeds arrive below
                     seed = tuple(torch.zeros(positions.numel(), device=positions.device) for _ in range(2))
                 seed = _broadcast_tensors(*seed)  # from the local window: take rank 0's, like the positions
+                if config.grown_optimizer_state == "warmup":
+                    seed = (torch.zeros_like(seed[0]), seed[1])
             reset_optimizer_state(optimizer, layer.seft_values[name], changed, seed)
             total = total + counts
         active, budget = self.active_count(name, [layer for layer in self.layers() if name in layer.seft_values])
@@ -287,10 +289,11 @@ def reset_optimizer_state(
 ) -> None:
     """Zero every per-element optimizer state of ``param`` at the changed slots, for any torch optimizer.
 
-    ``seed`` (Adam family only): the mean and the mean square of the window's optimizer-step gradients at the changed
-    slots. Adam's moments are set to them times (1 - beta^t): its bias correction at the next step then yields exactly
-    them, so a grown entry's first update has the size of an established entry's with the same gradients, at any
-    global step t (zeroed moments would make it about 0.5x early in training and 3x late).
+    ``seed`` (Adam family only): the first and second moment to give the changed slots, e.g. the mean and the mean
+    square of the window's optimizer-step gradients (``grown_optimizer_state="seed"``), or zero and the mean square
+    (``"warmup"``). Adam's moments are set to them times (1 - beta^t): its bias correction at the next step then
+    yields exactly them, at any global step t (zeroed moments make a grown entry's first update about 0.5x an
+    established entry's early in training and 3x late).
     """
     state = optimizer.state.get(param)
     if not state or not changed.any():

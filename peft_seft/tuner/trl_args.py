@@ -48,8 +48,9 @@ class SEFTArguments:
         default="sensitivity",
         metadata={"help": "Which frozen weights pay for re-activated ones: 'sensitivity', 'magnitude' or 'wanda'."},
     )
-    seft_seed_optimizer_state: bool = field(
-        default=False, metadata={"help": "Seed Adam moments of grown entries from the gradient statistics."}
+    seft_grown_optimizer_state: str = field(
+        default="zero",
+        metadata={"help": "Optimizer state of grown entries: 'zero', 'warmup' or 'seed' (Adam moments, window)."},
     )
     seft_total_steps: int | None = field(
         default=None, metadata={"help": "Step at which evolution stops (default: the Trainer's max steps)."}
@@ -88,7 +89,7 @@ def get_seft_config(args: SEFTArguments, task_type: str = "CAUSAL_LM") -> SEFTCo
         full_reselection_first=args.seft_full_reselection_first,
         grow_pruned=args.seft_grow_pruned,
         prune_criterion=args.seft_prune_criterion,
-        seed_optimizer_state=args.seft_seed_optimizer_state,
+        grown_optimizer_state=args.seft_grown_optimizer_state,
         total_steps=args.seft_total_steps,
         pattern=args.seft_pattern,
         random_seed=args.seft_random_seed,

@@ -193,7 +193,7 @@ def _seft_extend_suite():
                 drop_schedule="linear",
                 grow_pruned=False,
                 prune_criterion="magnitude",
-                seed_optimizer_state=True,
+                grown_optimizer_state="seed",
                 **evolution,
             ),
         ),

@@ -80,7 +80,7 @@ def main() -> None:
         update_interval=UPDATE_INTERVAL,
         selection_steps=SELECTION_STEPS,
         random_seed=0,
-        seed_optimizer_state=seed_optimizer_state,
+        grown_optimizer_state="seed" if seed_optimizer_state else "zero",
     )
     trainer = SFTTrainer(
         model=tiny_pruned_llama(),

@@ -440,7 +440,7 @@ def test_plain_loop_rounds_at_expected_steps(window_recorder, interval, selectio
                 changed = layer.seft_indices["default"] != old
                 values = layer.seft_values["default"]
                 state = optimizer.state[values]
-                # New positions start at zero, with fresh Adam moments (seed_optimizer_state=False, the default).
+                # New positions start at zero, with fresh Adam moments (grown_optimizer_state="zero", the default).
                 assert not values[changed].any()
                 assert not state["exp_avg"][changed].any() and not state["exp_avg_sq"][changed].any()
                 assert state["exp_avg_sq"][~changed].any()
