@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .config import SEFTConfig
+from .distributed import check_supported_sharding, full_tensor
 from .fingerprint import trained_checksum, with_trained_checksum
 from .layer import SEFTLayer, SEFTLinear
 from .targets import check_supported_layer, default_target_pattern
@@ -46,6 +47,7 @@ class SEFTModel(BaseTuner):
         _maybe_include_all_linear_layers(config, model)
         self._layer_budgets = self._split_budget(model, config)
         refuse_tied_targets(model, self._layer_budgets)
+        check_supported_sharding([_PlainTarget(model.get_submodule(name)) for name in self._layer_budgets])
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _post_injection_hook(self, model: nn.Module, config: SEFTConfig, adapter_name: str) -> None:
@@ -121,12 +123,15 @@ class SEFTModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # Under FSDP2 the values are sharded DTensors: the adapter file holds them whole (every rank must save, with
+        # is_main_process=(rank == 0), as for any FSDP model: these are collectives).
+        to_return = {key: full_tensor(value) for key, value in to_return.items()}
         # Saved inside a gradient window (a mid-window checkpoint): add the window's O(K) statistics so that resuming
         # continues exactly. Outside a window nothing is added.
         for name, module in model.named_modules():
             key = f"{name}.seft_fingerprint.{adapter_name}"
             if isinstance(module, SEFTLayer) and key in to_return:  # with the sum of W0 * delta at T (fingerprint.py)
-                values = module.seft_values[adapter_name]
+                values = module._full_values(adapter_name)
                 checksum = trained_checksum(module.base_values_at(module.seft_indices[adapter_name]), values)
                 to_return[key] = with_trained_checksum(to_return[key], checksum)
             if isinstance(module, SEFTLayer) and adapter_name in module._windows:
@@ -171,6 +176,17 @@ def refuse_tied_targets(model: nn.Module, targets: Iterable[str]) -> None:
                 f"weight into the base weight in place, which would change the tied module too. Exclude {target} "
                 "(exclude_modules) or untie the weights first (e.g. load the model with tie_word_embeddings=False)."
             )
+
+
+class _PlainTarget:
+    """A target module before injection, seen as a layer by check_supported_sharding."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        self.seft_values = {}
+
+    def get_base_layer(self) -> nn.Module:
+        return self.module
 
 
 def _evolution_before_forward(evolution: Evolution, module: nn.Module, args: tuple) -> None:

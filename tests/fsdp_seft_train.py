@@ -1,0 +1,193 @@
+"""SEFT under FSDP2 and DDP against one process on the full batch, run by test_distributed.py as
+``torchrun --standalone --nproc_per_node 2 fsdp_seft_train.py OUT_DIR``.
+
+A plain PyTorch loop on the tiny pruned Llama: STEPS optimizer steps of ACCUMULATION micro-batches each, every
+micro-batch GLOBAL_BATCH sequences of equal length (so the mean of the ranks' mean losses is the global mean loss);
+rounds at steps 4 and 8 with windows of 3 steps. Rank r trains on rows [r * B / 2, (r + 1) * B / 2) of each
+micro-batch. Before the process group exists, rank 0 runs the single-process reference on the full batches.
+
+Variants, in this order in one launch: FSDP2 with reshard_after_forward True and False (each decoder block, then the
+root), DDP, and FSDP1, which must fail at its first forward. The first FSDP2 run also saves its adapter at the end
+and, mid-window at step RESUME_AT, its adapter and optimizer state; a fresh model then resumes from them and trains
+to the end. Everything is written to ``OUT_DIR/results.pt`` by rank 0 (adapters in OUT_DIR/<variant>/).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import PeftModel, get_peft_model
+from seft_training_helpers import seft_layers, tiny_pruned_llama, token_batch
+
+from peft_seft import SEFTConfig
+from peft_seft.distributed import full_tensor
+
+STEPS, ACCUMULATION, GLOBAL_BATCH, SEQ_LEN = 10, 2, 4, 24
+RESUME_AT = 6  # inside the window of the round at step 8 (steps 6-8)
+
+
+def seft_config() -> SEFTConfig:
+    return SEFTConfig(density=0.05, update_interval=4, selection_steps=3, random_seed=0, total_steps=STEPS)
+
+
+def batches(step: int) -> list[torch.Tensor]:
+    return [token_batch(GLOBAL_BATCH, SEQ_LEN, seed=100 * step + i) for i in range(ACCUMULATION)]
+
+
+def snapshot(model) -> dict:
+    """Positions, pruned set, values (gathered), step, and the effective weights' non-zeros, per layer (every rank
+    must call it under FSDP2: the values and weights are gathered)."""
+    result = {}
+    for name, layer in seft_layers(model).items():
+        weight = layer.effective_weight()
+        result[name] = {
+            "indices": layer.seft_indices["default"].clone(),
+            "pruned": layer.seft_pruned["default"].clone(),
+            "values": full_tensor(layer.seft_values["default"]).detach().clone(),
+            "step": int(layer.seft_step["default"]),
+            "nonzeros": int(torch.count_nonzero(weight)),
+        }
+    return result
+
+
+def value_grads(model) -> dict:
+    return {
+        name: full_tensor(layer.seft_values["default"].grad).detach().clone()
+        for name, layer in seft_layers(model).items()
+    }
+
+
+def train(model, optimizer, first_step: int, last_step: int, rows: slice, on_step=None, peft_model=None) -> dict:
+    """Train; returns the loss of each step (of the global batch) and the values' gradients of step 1."""
+    losses, grads = [], None
+    for step in range(first_step, last_step + 1):
+        total = 0.0
+        for micro_batch in batches(step):
+            ids = micro_batch[rows]
+            loss = model(input_ids=ids, labels=ids).loss / ACCUMULATION
+            loss.backward()
+            total += float(loss.detach())
+        if dist.is_initialized():
+            total = torch.tensor([total], dtype=torch.float64)
+            dist.all_reduce(total)
+            total = float(total) / dist.get_world_size()
+        if step == 1:
+            grads = value_grads(peft_model or model)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(total)
+        if on_step is not None:
+            on_step(step)
+    return {"losses": losses, "grads": grads}
+
+
+def optimizer_of(model) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def reference(out_dir: Path) -> dict:
+    model = get_peft_model(tiny_pruned_llama(), seft_config())
+    result = train(model, optimizer_of(model), 1, STEPS, slice(None))
+    result["snapshot"] = snapshot(model)
+    result["rounds"] = [(r.step, vars(r.counts)) for r in model.base_model.evolution.reports]
+    model.save_pretrained(str(out_dir / "reference"))
+    return result
+
+
+def shard(model, reshard_after_forward: bool):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in model.base_model.model.model.layers:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def distributed_run(variant: str, out_dir: Path, rows: slice) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model = get_peft_model(tiny_pruned_llama(), seft_config())
+    if variant == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        wrapped = shard(model, reshard_after_forward=variant == "fsdp_reshard")
+    optimizer = optimizer_of(wrapped)
+    saving = variant == "fsdp_reshard"
+
+    def save_mid_window(step: int) -> None:
+        if saving and step == RESUME_AT:
+            model.save_pretrained(str(out_dir / "resume"), is_main_process=dist.get_rank() == 0)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_optimizer_state_dict(model, optimizer, options=options)
+            if dist.get_rank() == 0:
+                torch.save(state, out_dir / "resume" / "optimizer.pt")
+            dist.barrier()
+
+    result = train(wrapped, optimizer, 1, STEPS, rows, save_mid_window, peft_model=model)
+    result["snapshot"] = snapshot(model)
+    result["rounds"] = [(r.step, vars(r.counts)) for r in model.base_model.evolution.reports]
+    result["wrapper"] = type(wrapped).__name__
+    result["base_weight_type"] = type(seft_layers(model)["model.layers.0.self_attn.q_proj"].base_layer.weight).__name__
+    if saving:
+        model.save_pretrained(str(out_dir / variant), is_main_process=dist.get_rank() == 0)
+        dist.barrier()
+        result["resumed"] = resume(out_dir / "resume", rows)
+    return result
+
+
+def resume(checkpoint: Path, rows: slice) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    model = PeftModel.from_pretrained(tiny_pruned_llama(), str(checkpoint), is_trainable=True)
+    model.peft_config["default"].total_steps = STEPS
+    shard(model, reshard_after_forward=True)
+    optimizer = optimizer_of(model)
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    result = train(model, optimizer, RESUME_AT + 1, STEPS, rows)
+    result["snapshot"] = snapshot(model)
+    result["rounds"] = [(r.step, vars(r.counts)) for r in model.base_model.evolution.reports]
+    return result
+
+
+def fsdp1_error(rows: slice) -> str:
+    """FSDP1 (FullyShardedDataParallel) must fail at the first forward with a message naming FSDP2."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = get_peft_model(tiny_pruned_llama(), seft_config())  # PEFT models need use_orig_params=True under FSDP1
+    model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+    ids = batches(1)[0][rows]
+    try:
+        model(input_ids=ids, labels=ids)
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+def main() -> None:
+    out_dir = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    import os
+
+    rank = int(os.environ["RANK"])
+    results = {"reference": reference(out_dir)} if rank == 0 else {}
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    part = GLOBAL_BATCH // world
+    rows = slice(rank * part, (rank + 1) * part)
+    for variant in ("fsdp_reshard", "fsdp_keep", "ddp"):
+        results[variant] = distributed_run(variant, out_dir, rows)
+    results["fsdp1_error"] = fsdp1_error(rows)
+    if rank == 0:
+        torch.save(results, out_dir / "results.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
