@@ -130,7 +130,7 @@ def bind_fsdp(model: nn.Module) -> None:
             elif current is None or current.fsdp_param is not fsdp_param:
                 # A forward before fully_shard left W in the weight that FSDP2 split into shards: the kept originals
                 # are written back into the shard (positions are those of the storage, which sharding keeps).
-                module._shard = WeightShard(fsdp_param)
+                module._shard, module._shard_w0 = WeightShard(fsdp_param), None
                 module._restore_base_weight()
 
 

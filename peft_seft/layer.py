@@ -67,6 +67,7 @@ class SEFTLayer(BaseTunerLayer):
         self._window_patterns: dict[str, SamplePattern] = {}  # the sampled-gradient pattern of each window's candidates
         self._nm_patterns: dict[str, tuple[int, int]] = {}  # adapter -> (N, M) when its config has a pattern
         self._shard = None  # a distributed.WeightShard when FSDP2 shards the base weight (distributed.bind_fsdp)
+        self._shard_w0: tuple | None = None  # (storage positions, W0 there) last gathered from the shards; kept
         # On the base layer itself, so that `base_layer.state_dict()` (and every state dict containing it) holds W0.
         self._state_dict_hook = base_layer.register_state_dict_pre_hook(
             functools.partial(_show_base_weight_in_state_dict, self)
@@ -200,6 +201,7 @@ class SEFTLayer(BaseTunerLayer):
             )
             self._touched_positions = self._storage_positions(touched).unique()
             self._original_values = self._shard.gather_at(self._touched_positions)  # W0 held by every rank
+            self._shard_w0 = (self._touched_positions, self._original_values)
             self._applied_key = key
         self._write_sharded(self._touched_weight(adapter_names))
         self._applied_versions = self._values_versions(adapter_names)
@@ -272,11 +274,14 @@ class SEFTLayer(BaseTunerLayer):
     def base_values_at(self, logical_positions: torch.Tensor) -> torch.Tensor:
         """W0 at the given positions, whatever the base weight holds in place right now."""
         storage_positions = self._storage_positions(logical_positions)
-        if self._shard is not None:  # a collective outside forward and backward: every rank must call
-            visible = self._visible_storage()
+        if self._shard is not None:
+            known, visible = self._shard_w0, self._visible_storage()
+            if known is not None and bool(torch.isin(storage_positions, known[0]).all()):
+                # W0 last gathered there (e.g. at T: saving needs no collective, so rank 0 may save alone)
+                return known[1][torch.searchsorted(known[0], storage_positions)].clone()
             if visible is not None:
                 values = visible[storage_positions].clone()
-            else:
+            else:  # a collective: every rank must call
                 values = self._shard.gather_at(storage_positions)
         else:
             values = self._weight_storage()[storage_positions].clone()

@@ -123,15 +123,18 @@ class SEFTModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        # Under FSDP2 the values are sharded DTensors: the adapter file holds them whole (every rank must save, with
-        # is_main_process=(rank == 0), as for any FSDP model: these are collectives).
+        # Under FSDP2 the values are sharded DTensors: the adapter file holds them whole. From model.state_dict() every
+        # rank must save (is_main_process=(rank == 0)): gathering them is a collective. With a gathered full state dict
+        # (the Trainer's FULL_STATE_DICT) rank 0 may save alone: W0 at T is known without a collective.
         to_return = {key: full_tensor(value) for key, value in to_return.items()}
         # Saved inside a gradient window (a mid-window checkpoint): add the window's O(K) statistics so that resuming
         # continues exactly. Outside a window nothing is added.
         for name, module in model.named_modules():
             key = f"{name}.seft_fingerprint.{adapter_name}"
             if isinstance(module, SEFTLayer) and key in to_return:  # with the sum of W0 * delta at T (fingerprint.py)
-                values = module._full_values(adapter_name)
+                values = to_return.get(f"{name}.seft_values.{adapter_name}")
+                if values is None:
+                    values = module._full_values(adapter_name)
                 checksum = trained_checksum(module.base_values_at(module.seft_indices[adapter_name]), values)
                 to_return[key] = with_trained_checksum(to_return[key], checksum)
             if isinstance(module, SEFTLayer) and adapter_name in module._windows:

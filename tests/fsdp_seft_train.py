@@ -137,6 +137,14 @@ def distributed_run(variant: str, out_dir: Path, rows: slice) -> dict:
         model.save_pretrained(str(out_dir / variant), is_main_process=dist.get_rank() == 0)
         dist.barrier()
         result["resumed"] = resume(out_dir / "resume", rows)
+    elif variant == "fsdp_keep":
+        # As the Trainer saves with FULL_STATE_DICT: a state dict gathered on every rank, then rank 0 saves alone.
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() == 0:
+            model.save_pretrained(str(out_dir / variant), state_dict=state)
+        dist.barrier()
     return result
 
 

@@ -89,9 +89,12 @@ def read_adapter(path: Path) -> dict[str, torch.Tensor]:
         return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
-def test_sharded_save_equals_single_process_save_and_loads_on_one_process(results):
+@pytest.mark.parametrize("variant", ["fsdp_reshard", "fsdp_keep"], ids=["every-rank-saves", "rank0-saves-gathered"])
+def test_sharded_save_equals_single_process_save_and_loads_on_one_process(results, variant):
+    """fsdp_reshard: save_pretrained on every rank (is_main_process on rank 0); fsdp_keep: a full state dict gathered
+    with torch.distributed.checkpoint, then save_pretrained(state_dict=...) on rank 0 alone (the Trainer's way)."""
     _, out_dir = results
-    sharded, single = read_adapter(out_dir / "fsdp_reshard"), read_adapter(out_dir / "reference")
+    sharded, single = read_adapter(out_dir / variant), read_adapter(out_dir / "reference")
     assert sharded.keys() == single.keys()
     for key, value in single.items():
         if ".seft_values" in key:
@@ -105,14 +108,14 @@ def test_sharded_save_equals_single_process_save_and_loads_on_one_process(result
 
     batch = token_batch(4, 24, seed=7)
     logits, nonzeros = {}, {}
-    for name in ("fsdp_reshard", "reference"):
+    for name in (variant, "reference"):
         model = PeftModel.from_pretrained(tiny_pruned_llama(), str(out_dir / name)).eval()
         with torch.no_grad():
             logits[name] = model(input_ids=batch).logits
         merged = model.merge_and_unload()
         nonzeros[name] = {n: int(torch.count_nonzero(m.weight)) for n, m in merged.named_modules() if "proj" in n}
-    torch.testing.assert_close(logits["fsdp_reshard"], logits["reference"], rtol=1e-5, atol=1e-5)
-    assert nonzeros["fsdp_reshard"] == nonzeros["reference"]
+    torch.testing.assert_close(logits[variant], logits["reference"], rtol=1e-5, atol=1e-5)
+    assert nonzeros[variant] == nonzeros["reference"]
 
 
 def test_fsdp1_fails_fast(results):
