@@ -110,7 +110,10 @@ class WeightShard:
 
 def bind_fsdp(model: nn.Module) -> None:
     """Tell every SEFT layer of ``model`` whether FSDP2 shards its base weight (and where its shard is)."""
-    from torch.distributed.fsdp import FSDPModule
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 has no public FSDP2: nothing can be sharded by it
+        return
 
     from .layer import SEFTLayer
 
