@@ -137,10 +137,17 @@ def bind_fsdp(model: nn.Module) -> None:
                 module._restore_base_weight()
 
 
-def check_supported_sharding(layers) -> None:
-    """Refuse FSDP1 and DeepSpeed ZeRO-3, which shard or flatten the base weights SEFT writes into."""
+def check_supported_sharding(layers, injecting: bool = False) -> None:
+    """Refuse FSDP1 and DeepSpeed ZeRO-3, which shard or flatten the base weights SEFT writes into, and (``injecting``)
+    a base that FSDP2 already sharded: SEFT chooses its positions on the whole weight."""
     for layer in layers:
         base = layer.get_base_layer()
+        if injecting and is_dtensor(base._parameters.get("weight")):
+            raise RuntimeError(
+                "The base model is already sharded (its weights are DTensors): call get_peft_model (or "
+                "PeftModel.from_pretrained) first and fully_shard the SEFT model afterwards, each decoder block and "
+                "then the root."
+            )
         # FSDP1 puts plain tensor views of its flat parameter in the module during forward and marks the originals.
         flattened = not isinstance(base._parameters.get("weight"), nn.Parameter)
         for param in [base._parameters.get("weight"), *layer.seft_values.values()]:

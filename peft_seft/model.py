@@ -47,7 +47,6 @@ class SEFTModel(BaseTuner):
         _maybe_include_all_linear_layers(config, model)
         self._layer_budgets = self._split_budget(model, config)
         refuse_tied_targets(model, self._layer_budgets)
-        check_supported_sharding([_PlainTarget(model.get_submodule(name)) for name in self._layer_budgets])
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _post_injection_hook(self, model: nn.Module, config: SEFTConfig, adapter_name: str) -> None:
@@ -75,7 +74,9 @@ class SEFTModel(BaseTuner):
                 adapted += (f"{name}.",)
                 module = module.get_base_layer()
             if self._check_target_module_exists(config, name):
-                check_supported_layer(name, module)  # before any layer is replaced: refuse quantized layers up front
+                # Before any layer is replaced: refuse sharded (FSDP1/2, ZeRO-3) and quantized layers up front.
+                check_supported_sharding([_PlainTarget(module)], injecting=True)
+                check_supported_layer(name, module)
                 sizes[name] = module.weight.numel()
         if config.num_trainable is None:
             return {name: round(config.density * size) for name, size in sizes.items()}

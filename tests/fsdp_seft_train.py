@@ -7,9 +7,11 @@ rounds at steps 4 and 8 with windows of 3 steps. Rank r trains on rows [r * B / 
 micro-batch. Before the process group exists, rank 0 runs the single-process reference on the full batches.
 
 Variants, in this order in one launch: FSDP2 with reshard_after_forward True and False (each decoder block, then the
-root), DDP, and FSDP1, which must fail at its first forward. The first FSDP2 run also saves its adapter at the end
-and, mid-window at step RESUME_AT, its adapter and optimizer state; a fresh model then resumes from them and trains
-to the end. Everything is written to ``OUT_DIR/results.pt`` by rank 0 (adapters in OUT_DIR/<variant>/).
+root), DDP, FSDP2 with SEEDED options and gradient clipping (against its own reference), FSDP1, which must fail at
+its first forward, and get_peft_model on an already sharded base, which must fail. The first FSDP2 run also saves
+its adapter at the end and, mid-window at step RESUME_AT, its adapter and optimizer state; a fresh model then
+resumes from them and trains to the end. Everything is written to ``OUT_DIR/results.pt`` by rank 0 (adapters in
+OUT_DIR/<variant>/).
 """
 
 from __future__ import annotations
@@ -29,8 +31,15 @@ STEPS, ACCUMULATION, GLOBAL_BATCH, SEQ_LEN = 10, 2, 4, 24
 RESUME_AT = 6  # inside the window of the round at step 8 (steps 6-8)
 
 
-def seft_config() -> SEFTConfig:
-    return SEFTConfig(density=0.05, update_interval=4, selection_steps=3, random_seed=0, total_steps=STEPS)
+# The seeded variant: Adam moments of grown slots seeded from the window, Wanda re-pruning (squared inputs summed over
+# ranks, the whole weight gathered for the round), and gradient clipping (the window's sums rescaled by the factor).
+SEEDED = {"seed_optimizer_state": True, "prune_criterion": "wanda"}
+CLIP = 0.05
+
+
+def seft_config(**overrides) -> SEFTConfig:
+    kwargs = {"density": 0.05, "update_interval": 4, "selection_steps": 3, "random_seed": 0, "total_steps": STEPS}
+    return SEFTConfig(**{**kwargs, **overrides})
 
 
 def batches(step: int) -> list[torch.Tensor]:
@@ -60,7 +69,9 @@ def value_grads(model) -> dict:
     }
 
 
-def train(model, optimizer, first_step: int, last_step: int, rows: slice, on_step=None, peft_model=None) -> dict:
+def train(
+    model, optimizer, first_step: int, last_step: int, rows: slice, on_step=None, peft_model=None, clip=None
+) -> dict:
     """Train; returns the loss of each step (of the global batch) and the values' gradients of step 1."""
     losses, grads = [], None
     for step in range(first_step, last_step + 1):
@@ -76,6 +87,10 @@ def train(model, optimizer, first_step: int, last_step: int, rows: slice, on_ste
             total = float(total) / dist.get_world_size()
         if step == 1:
             grads = value_grads(peft_model or model)
+        if clip is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            assert float(full_tensor(norm)) > clip  # it does clip
         optimizer.step()
         optimizer.zero_grad()
         losses.append(total)
@@ -88,34 +103,32 @@ def optimizer_of(model) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
 
-def reference(out_dir: Path) -> dict:
-    model = get_peft_model(tiny_pruned_llama(), seft_config())
-    result = train(model, optimizer_of(model), 1, STEPS, slice(None))
+def reference(out_dir: Path, seeded: bool = False) -> dict:
+    model = get_peft_model(tiny_pruned_llama(), seft_config(**(SEEDED if seeded else {})))
+    result = train(model, optimizer_of(model), 1, STEPS, slice(None), clip=CLIP if seeded else None)
     result["snapshot"] = snapshot(model)
     result["rounds"] = [(r.step, vars(r.counts)) for r in model.base_model.evolution.reports]
-    model.save_pretrained(str(out_dir / "reference"))
+    if not seeded:
+        model.save_pretrained(str(out_dir / "reference"))
     return result
 
 
 def shard(model, reshard_after_forward: bool):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for block in model.base_model.model.model.layers:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        shard_module(block, reshard_after_forward)
+    shard_module(model, reshard_after_forward)
     return model
 
 
 def distributed_run(variant: str, out_dir: Path, rows: slice) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    model = get_peft_model(tiny_pruned_llama(), seft_config())
+    seeded = variant == "fsdp_seeded"
+    model = get_peft_model(tiny_pruned_llama(), seft_config(**(SEEDED if seeded else {})))
     if variant == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
     else:
-        wrapped = shard(model, reshard_after_forward=variant == "fsdp_reshard")
+        wrapped = shard(model, reshard_after_forward=variant != "fsdp_keep")
     optimizer = optimizer_of(wrapped)
     saving = variant == "fsdp_reshard"
 
@@ -128,7 +141,8 @@ def distributed_run(variant: str, out_dir: Path, rows: slice) -> dict:
                 torch.save(state, out_dir / "resume" / "optimizer.pt")
             dist.barrier()
 
-    result = train(wrapped, optimizer, 1, STEPS, rows, save_mid_window, peft_model=model)
+    clip = CLIP if seeded else None
+    result = train(wrapped, optimizer, 1, STEPS, rows, save_mid_window, peft_model=model, clip=clip)
     result["snapshot"] = snapshot(model)
     result["rounds"] = [(r.step, vars(r.counts)) for r in model.base_model.evolution.reports]
     result["wrapper"] = type(wrapped).__name__
@@ -177,20 +191,43 @@ def fsdp1_error(rows: slice) -> str:
     return ""
 
 
+def sharded_first_error() -> str:
+    """get_peft_model on a base that fully_shard already sharded must fail with a message saying the order."""
+    base = tiny_pruned_llama()
+    for block in base.model.layers:
+        shard_module(block)
+    try:
+        get_peft_model(base, seft_config())
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+def shard_module(module, reshard_after_forward: bool = True):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
     import os
 
     rank = int(os.environ["RANK"])
-    results = {"reference": reference(out_dir)} if rank == 0 else {}
+    results = {}
+    if rank == 0:  # before the process group exists: plain single-process SEFT
+        results = {"reference": reference(out_dir), "reference_seeded": reference(out_dir, seeded=True)}
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     part = GLOBAL_BATCH // world
     rows = slice(rank * part, (rank + 1) * part)
-    for variant in ("fsdp_reshard", "fsdp_keep", "ddp"):
+    for variant in ("fsdp_reshard", "fsdp_keep", "ddp", "fsdp_seeded"):
         results[variant] = distributed_run(variant, out_dir, rows)
     results["fsdp1_error"] = fsdp1_error(rows)
+    results["sharded_first_error"] = sharded_first_error()
     if rank == 0:
         torch.save(results, out_dir / "results.pt")
     dist.barrier()

@@ -22,7 +22,7 @@ from seft_training_helpers import seft_layers, tiny_pruned_llama, token_batch
 from peft_seft import SEFTConfig
 
 TESTS_DIR = Path(__file__).resolve().parent
-VARIANTS = ("fsdp_reshard", "fsdp_keep", "ddp")
+VARIANTS = ("fsdp_reshard", "fsdp_keep", "ddp", "fsdp_seeded")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,8 @@ def test_two_ranks_match_one_process(results, variant):
     """Same positions, values within 1e-6, same merged non-zeros per layer, same rounds; the value gradients of the
     first step and the losses of the global batch agree within fp32 tolerance."""
     results, _ = results
-    reference, run = results["reference"], results[variant]
+    reference = results["reference_seeded" if variant == "fsdp_seeded" else "reference"]
+    run = results[variant]
     assert [step for step, _ in reference["rounds"]] == [4, 8]
     assert all(counts["grown"] > 0 for _, counts in reference["rounds"])
     if variant.startswith("fsdp"):
@@ -122,6 +123,11 @@ def test_fsdp1_fails_fast(results):
     results, _ = results
     message = results["fsdp1_error"]
     assert "FSDP1" in message and "fully_shard" in message
+
+
+def test_peft_on_an_already_sharded_base_fails_fast(results):
+    results, _ = results
+    assert "get_peft_model" in results["sharded_first_error"] and "first" in results["sharded_first_error"]
 
 
 def test_deepspeed_zero3_fails_fast():
