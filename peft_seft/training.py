@@ -119,7 +119,7 @@ class Evolution:
 
     def before_forward(self) -> None:
         """Open the windows due at the current step, once after creation, loading or resuming."""
-        if is_distributed():
+        if dist.is_available() and dist.is_initialized():  # FSDP2 may shard over a single rank too
             self.bind_shards()
         if not torch.is_grad_enabled():
             return

@@ -224,10 +224,13 @@ def main() -> None:
     world = dist.get_world_size()
     part = GLOBAL_BATCH // world
     rows = slice(rank * part, (rank + 1) * part)
-    for variant in ("fsdp_reshard", "fsdp_keep", "ddp", "fsdp_seeded"):
-        results[variant] = distributed_run(variant, out_dir, rows)
-    results["fsdp1_error"] = fsdp1_error(rows)
-    results["sharded_first_error"] = sharded_first_error()
+    if world == 1:  # FSDP2 over a single rank (shards are whole weights): only the first variant, no resume
+        results["fsdp_single"] = distributed_run("fsdp_single", out_dir, rows)
+    else:
+        for variant in ("fsdp_reshard", "fsdp_keep", "ddp", "fsdp_seeded"):
+            results[variant] = distributed_run(variant, out_dir, rows)
+        results["fsdp1_error"] = fsdp1_error(rows)
+        results["sharded_first_error"] = sharded_first_error()
     if rank == 0:
         torch.save(results, out_dir / "results.pt")
     dist.barrier()

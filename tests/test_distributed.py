@@ -25,16 +25,14 @@ TESTS_DIR = Path(__file__).resolve().parent
 VARIANTS = ("fsdp_reshard", "fsdp_keep", "ddp", "fsdp_seeded")
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> tuple[dict, Path]:
-    out_dir = tmp_path_factory.mktemp("fsdp")
+def launch(out_dir: Path, num_processes: int) -> dict:
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node",
-        "2",
+        str(num_processes),
         str(TESTS_DIR / "fsdp_seft_train.py"),
         str(out_dir),
     ]
@@ -42,7 +40,13 @@ def results(tmp_path_factory) -> tuple[dict, Path]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
     process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=TESTS_DIR)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-6000:]
-    return torch.load(out_dir / "results.pt", weights_only=False), out_dir
+    return torch.load(out_dir / "results.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> tuple[dict, Path]:
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    return launch(out_dir, 2), out_dir
 
 
 def assert_same_run(got: dict, want: dict, values_atol: float = 1e-6) -> None:
@@ -74,6 +78,13 @@ def test_two_ranks_match_one_process(results, variant):
     for name, grad in reference["grads"].items():
         torch.testing.assert_close(run["grads"][name], grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-6, atol=0)
+
+
+def test_fsdp2_over_a_single_rank(tmp_path):
+    """A process group of one (a script tried on one GPU): FSDP2's shards are whole weights, the run is exact."""
+    results = launch(tmp_path, 1)
+    assert results["fsdp_single"]["base_weight_type"] == "DTensor"
+    assert_same_run(results["fsdp_single"], results["reference"], values_atol=0)
 
 
 def test_resume_from_sharded_checkpoint_continues_exactly(results):
