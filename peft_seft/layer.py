@@ -12,6 +12,10 @@ The effective weight ``W = (W0 with P zeroed) + scatter(T, delta)`` is written i
 place before each forward; only the O(K) original values at the touched positions are kept, and they are
 written back bit-exactly whenever the adapter is disabled, unmerged, unloaded or deleted (or a state dict is taken).
 A backward whose forward's W was overwritten in between writes it again first (``_weight_of_forward``).
+
+Under FSDP2 (``fully_shard``) the base weight is sharded over the rows of its storage: W is written into the rank's
+local shard (the positions it holds) and into the all-gathered weight of the running forward; W0 at the touched
+positions is gathered once per change of positions and kept on every rank (see distributed.py).
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ gradient window ``selection_steps`` before each round, runs the round every ``up
 resets (or seeds) the optimizer state of every slot whose position changed. Plain PyTorch loops, the
 transformers Trainer and TRL's SFTTrainer therefore need no extra code. Rounds stop at ``total_steps``
 (taken from the Trainer's max steps when unset, see callbacks.py).
+
+Under torch.distributed (DDP, FSDP2) the windows' statistics are reduced over ranks (window.py, layer.py), so every
+rank runs the same round on the statistics of the global batch; rank 0's positions are broadcast after each round
+only as a guard.
 """
 
 from __future__ import annotations
