@@ -32,7 +32,8 @@ RESUME_AT = 6  # inside the window of the round at step 8 (steps 6-8)
 
 
 # The seeded variant: Adam moments of grown slots seeded from the window, Wanda re-pruning (squared inputs summed over
-# ranks, the whole weight gathered for the round), and gradient clipping (the window's sums rescaled by the factor).
+# ranks, the whole weight gathered for the round), and gradient clipping (the window's sums rescaled by the factor);
+# the FSDP2 run also uses activation checkpointing (the reference does not).
 SEEDED = {"seed_optimizer_state": True, "prune_criterion": "wanda"}
 CLIP = 0.05
 
@@ -125,6 +126,9 @@ def distributed_run(variant: str, out_dir: Path, rows: slice) -> dict:
 
     seeded = variant == "fsdp_seeded"
     model = get_peft_model(tiny_pruned_llama(), seft_config(**(SEEDED if seeded else {})))
+    if seeded:  # and activation checkpointing: recomputed forwards write W again, the window sees one backward
+        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     if variant == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
     else:
