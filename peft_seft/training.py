@@ -200,13 +200,16 @@ class Evolution:
             old_indices = layer.seft_indices[name].clone()
             # Under torch.distributed every rank holds the same reduced window statistics (window.py), so every rank
             # runs the same round, skips the same layers, and the values are the same (DDP) or their shards (FSDP2).
+            distributed = is_distributed()
+            old_values = local_part(layer.seft_values[name]).detach().clone() if distributed else None
             outcome = layer.evolve_adapter(name, rate, config)
             if outcome is None:
                 skipped += 1
                 continue
             counts, _, window = outcome
-            if is_distributed():
-                _broadcast_adapter_state(layer, name)  # a guard: positions cannot drift apart between ranks
+            if distributed and _broadcast_adapter_state(layer, name):  # a guard: positions cannot drift apart
+                with torch.no_grad():  # this rank zeroed the slots of its own decision: zero rank 0's instead
+                    local_part(layer.seft_values[name]).copy_(old_values)
             changed = layer.seft_indices[name] != old_indices
             layer._zero_values(name, changed)
             seed = None
@@ -266,16 +269,18 @@ def _initializes_state(optimizer: torch.optim.Optimizer) -> bool:
         for p in group["params"]
     )
     if is_distributed():  # the same answer on every rank, whatever its shard holds
-        flag = torch.tensor([float(nonzero)])
+        device = next(local_part(p).device for group in optimizer.param_groups for p in group["params"])
+        flag = torch.tensor([float(nonzero)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         nonzero = bool(flag.item())
     return not nonzero
 
 
-def _broadcast_adapter_state(layer: SEFTLayer, name: str) -> None:
+def _broadcast_adapter_state(layer: SEFTLayer, name: str) -> bool:
     """A guard after each round under torch.distributed: every rank computed the same round from the same reduced
     statistics; should floating-point differences ever make a rank decide otherwise, it takes rank 0's positions
-    (O(K) per layer and round) and says so."""
+    (O(K) per layer and round), says so and returns True."""
+    replaced = False
     for tensor in (layer.seft_indices[name], layer.seft_pruned[name]):
         received = tensor.clone()
         dist.broadcast(received, src=0)
@@ -284,6 +289,8 @@ def _broadcast_adapter_state(layer: SEFTLayer, name: str) -> None:
             # copy_ bumps tensor._version, which the layer's in-place weight and pattern caches key on.
             with torch.no_grad():
                 tensor.copy_(received)
+            replaced = True
+    return replaced
 
 
 def reset_optimizer_state(

@@ -69,9 +69,10 @@ def main() -> None:
 
     def recording_broadcast(layer, name):
         local = (layer.seft_indices[name].clone(), layer.seft_pruned[name].clone())
-        broadcast(layer, name)
+        replaced = broadcast(layer, name)
         same = torch.equal(local[0], layer.seft_indices[name]) and torch.equal(local[1], layer.seft_pruned[name])
         local_decision_differs.append(not same)
+        return replaced
 
     seft_training._broadcast_adapter_state = recording_broadcast
 

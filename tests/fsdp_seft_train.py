@@ -7,11 +7,12 @@ rounds at steps 4 and 8 with windows of 3 steps. Rank r trains on rows [r * B / 
 micro-batch. Before the process group exists, rank 0 runs the single-process reference on the full batches.
 
 Variants, in this order in one launch: FSDP2 with reshard_after_forward True and False (each decoder block, then the
-root), DDP, FSDP2 with SEEDED options and gradient clipping (against its own reference), FSDP1, which must fail at
-its first forward, and get_peft_model on an already sharded base, which must fail. The first FSDP2 run also saves
-its adapter at the end and, mid-window at step RESUME_AT, its adapter and optimizer state; a fresh model then
-resumes from them and trains to the end. Everything is written to ``OUT_DIR/results.pt`` by rank 0 (adapters in
-OUT_DIR/<variant>/).
+root), DDP, FSDP2 with SEEDED options and gradient clipping (against its own reference), FSDP2 where rank 1's first
+round is made to decide otherwise (the guard must restore rank 0's decision), FSDP1, which must fail at its first
+forward, and get_peft_model on an already sharded base, which must fail. With one process: FSDP2 only. The first
+FSDP2 run also saves its adapter at the end and, mid-window at step RESUME_AT, its adapter and optimizer state; a
+fresh model then resumes from them and trains to the end. Everything is written to ``OUT_DIR/results.pt`` by rank 0
+(adapters in OUT_DIR/<variant>/).
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def distributed_run(variant: str, out_dir: Path, rows: slice) -> dict:
         wrapped = shard(model, reshard_after_forward=variant != "fsdp_keep")
     optimizer = optimizer_of(wrapped)
     saving = variant == "fsdp_reshard"
+    replaced = perturb_rank1_first_round(model) if variant == "fsdp_guard" else None
 
     def save_mid_window(step: int) -> None:
         if saving and step == RESUME_AT:
@@ -150,6 +152,10 @@ def distributed_run(variant: str, out_dir: Path, rows: slice) -> dict:
     result["snapshot"] = snapshot(model)
     result["rounds"] = [(r.step, vars(r.counts)) for r in model.base_model.evolution.reports]
     result["wrapper"] = type(wrapped).__name__
+    if replaced is not None:  # how often each rank took rank 0's positions
+        counts = [None] * dist.get_world_size()
+        dist.all_gather_object(counts, replaced[0])
+        result["guard_replacements"] = counts
     result["base_weight_type"] = type(seft_layers(model)["model.layers.0.self_attn.q_proj"].base_layer.weight).__name__
     if saving:
         model.save_pretrained(str(out_dir / variant), is_main_process=dist.get_rank() == 0)
@@ -164,6 +170,31 @@ def distributed_run(variant: str, out_dir: Path, rows: slice) -> dict:
             model.save_pretrained(str(out_dir / variant), state_dict=state)
         dist.barrier()
     return result
+
+
+def perturb_rank1_first_round(model) -> list[int]:
+    """On rank 1, the first round of one layer sees permuted window sums, so its own decision differs from rank 0's:
+    the guard after the round must give it rank 0's positions (and values). Returns a counter of replacements."""
+    import peft_seft.training as seft_training
+
+    layer = seft_layers(model)["model.layers.0.mlp.up_proj"]
+    original_evolve, original_guard = layer.evolve_adapter, seft_training._broadcast_adapter_state
+    replaced = [0]
+
+    def evolve(name, rate, config):
+        window = layer._windows.get(name)
+        if dist.get_rank() == 1 and window is not None and int(layer.seft_step[name]) == 4:
+            window.sums.copy_(window.sums.flip(0))
+        return original_evolve(name, rate, config)
+
+    def guard(guarded_layer, name):
+        took = original_guard(guarded_layer, name)
+        replaced[0] += int(took)
+        return took
+
+    layer.evolve_adapter = evolve
+    seft_training._broadcast_adapter_state = guard
+    return replaced
 
 
 def resume(checkpoint: Path, rows: slice) -> dict:
@@ -223,7 +254,9 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     results = {}
     if rank == 0:  # before the process group exists: plain single-process SEFT
-        results = {"reference": reference(out_dir), "reference_seeded": reference(out_dir, seeded=True)}
+        results = {"reference": reference(out_dir)}
+        if int(os.environ["WORLD_SIZE"]) > 1:
+            results["reference_seeded"] = reference(out_dir, seeded=True)
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     part = GLOBAL_BATCH // world
@@ -231,7 +264,7 @@ def main() -> None:
     if world == 1:  # FSDP2 over a single rank (shards are whole weights): only the first variant, no resume
         results["fsdp_single"] = distributed_run("fsdp_single", out_dir, rows)
     else:
-        for variant in ("fsdp_reshard", "fsdp_keep", "ddp", "fsdp_seeded"):
+        for variant in ("fsdp_reshard", "fsdp_keep", "ddp", "fsdp_seeded", "fsdp_guard"):
             results[variant] = distributed_run(variant, out_dir, rows)
         results["fsdp1_error"] = fsdp1_error(rows)
         results["sharded_first_error"] = sharded_first_error()

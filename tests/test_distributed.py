@@ -87,6 +87,15 @@ def test_fsdp2_over_a_single_rank(tmp_path):
     assert_same_run(results["fsdp_single"], results["reference"], values_atol=0)
 
 
+def test_guard_gives_a_diverging_rank_rank0_positions_and_values(results):
+    """Rank 1's first round of one layer was made to decide otherwise: it took rank 0's positions, restored the
+    values it had zeroed for its own decision, and the run still equals one process."""
+    results, _ = results
+    run = results["fsdp_guard"]
+    assert run["guard_replacements"] == [0, 1]
+    assert_same_run(run, results["reference"])
+
+
 def test_resume_from_sharded_checkpoint_continues_exactly(results):
     """Saved mid-window at step 6 by the sharded model (adapter with its open window, optimizer state gathered with
     torch.distributed.checkpoint), loaded into a fresh model sharded again: the rest of the run is the same."""
