@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..utils.distributed import is_distributed
 from .rounds import Candidates
 
 EXCLUDED = -torch.finfo(torch.float32).max  # the key of a position that may not be chosen
@@ -61,6 +62,7 @@ class GradientWindow:
         size = self.trainable.numel() + self.candidates.numel()
         device = self.trainable.device
         self.step_sum, self.sums, self.abs_sums, self.sq_sums = (torch.zeros(size, device=device) for _ in range(4))
+        self.step_column_sq = None  # this step's squared inputs, kept apart only while ranks must reduce them
         self.step_micro_batches = 0
 
     # ---- gathering ---------------------------------------------------------------------------------------
@@ -99,16 +101,26 @@ class GradientWindow:
             return
         self.step_sum += torch.cat([trainable_grad.float(), candidate_grad.float()])
         self.step_micro_batches += 1
-        if inputs is not None:
+        if inputs is not None and is_distributed():
+            if self.step_column_sq is None:
+                self.step_column_sq = torch.zeros_like(self.column_sq_sums)
+            self.step_column_sq += inputs.float().pow(2).sum(0)
+        elif inputs is not None:
             self.column_sq_sums += inputs.float().pow(2).sum(0)
 
-    def end_step(self, optimizer_grad: torch.Tensor | None) -> None:
+    def end_step(self, optimizer_grad: torch.Tensor | None, reduce: bool = False) -> None:
         """Fold the finished optimizer step into the window sums.
 
         ``optimizer_grad`` is the trainable values' gradient as the optimizer saw it (after accumulation, gradient
         clipping or loss-scale unscaling): the step's sums are rescaled by its norm over the norm of the accumulated
         gradient at T, so that every statistic is one of the optimizer-step gradient (clipping and unscaling are a
-        single factor per step)."""
+        single factor per step).
+
+        ``reduce`` (under torch.distributed, every rank calls it at the same step): the step's sums become those of the
+        global batch first: the mean of the ranks' gradients (DDP and FSDP average them), the sum of their squared
+        inputs, and the step is non-finite on every rank when it was on one."""
+        if reduce:
+            self._reduce_step()
         if not self.step_micro_batches:
             return
         step = self.step_sum
@@ -121,6 +133,21 @@ class GradientWindow:
         self.step_sum = torch.zeros_like(step)
         self.step_micro_batches = 0
         self.steps += 1
+
+    def _reduce_step(self) -> None:
+        dist = torch.distributed
+        columns = self.step_column_sq if self.step_column_sq is not None else torch.zeros_like(self.column_sq_sums)
+        flags = torch.tensor([float(self.finite), float(self.step_micro_batches > 0)], device=columns.device)
+        packed = torch.cat([self.step_sum, columns, flags])
+        dist.all_reduce(packed)
+        world = dist.get_world_size()
+        size = self.step_sum.numel()
+        self.step_sum = packed[:size] / world
+        self.column_sq_sums += packed[size : size + columns.numel()]
+        self.step_column_sq = None
+        finite, with_batches = packed[-2:].tolist()
+        self.finite = finite == world
+        self.step_micro_batches = self.step_micro_batches if self.step_micro_batches or not with_batches else 1
 
     # ---- statistics for the round ------------------------------------------------------------------------
 

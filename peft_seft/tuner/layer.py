@@ -12,6 +12,10 @@ The effective weight ``W = (W0 with P zeroed) + scatter(T, delta)`` is written i
 place before each forward; only the O(K) original values at the touched positions are kept, and they are
 written back bit-exactly whenever the adapter is disabled, unmerged, unloaded or deleted (or a state dict is taken).
 A backward whose forward's W was overwritten in between writes it again first (``_weight_of_forward``).
+
+Under FSDP2 (``fully_shard``) the base weight is sharded over the rows of its storage: W is written into the rank's
+local shard (the positions it holds) and into the all-gathered weight of the running forward; W0 at the touched
+positions is gathered once per change of positions and kept on every rank (see utils/distributed.py).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 from ..evolution.nm_rounds import evolve_nm
 from ..evolution.rounds import Candidates, RoundCounts, RoundResult, evolve
 from ..evolution.window import GradientWindow
+from ..utils.distributed import all_reduce_, full_tensor, is_distributed, values_range
 from ..utils.sparsity import logical_weight, nm_group_counts, parse_nm_pattern
 from .config import SEFTConfig
 from .fingerprint import weight_fingerprint
@@ -65,6 +70,8 @@ class SEFTLayer(BaseTunerLayer):
         self._windows: dict[str, GradientWindow] = {}
         self._window_patterns: dict[str, SamplePattern] = {}  # the sampled-gradient pattern of each window's candidates
         self._nm_patterns: dict[str, tuple[int, int]] = {}  # adapter -> (N, M) when its config has a pattern
+        self._shard = None  # a utils.distributed.WeightShard when FSDP2 shards the base weight (training.bind_fsdp)
+        self._shard_w0: tuple | None = None  # (storage positions, W0 there) last gathered from the shards; kept
         # On the base layer itself, so that `base_layer.state_dict()` (and every state dict containing it) holds W0.
         self._state_dict_hook = base_layer.register_state_dict_pre_hook(
             functools.partial(_show_base_weight_in_state_dict, self)
@@ -126,7 +133,9 @@ class SEFTLayer(BaseTunerLayer):
 
     def _restore_base_weight(self) -> None:
         """Write the original values back at every touched position (bit-exact: originals are kept)."""
-        if self._touched_positions is not None:
+        if self._touched_positions is not None and self._shard is not None:
+            self._write_sharded(self._original_values)
+        elif self._touched_positions is not None:
             storage = self._weight_storage()
             storage[self._touched_positions.to(storage.device)] = self._original_values.to(storage)
         self._touched_positions = self._original_values = None
@@ -149,6 +158,9 @@ class SEFTLayer(BaseTunerLayer):
     def _apply_adapters(self, adapter_names: list[str]) -> None:
         """Make the base weight hold W for these adapters (one rewrite of O(K) values per call)."""
         key = self._adapter_key(adapter_names)
+        if self._shard is not None:
+            self._apply_adapters_sharded(adapter_names, key)
+            return
         storage = self._weight_storage()
         if key != self._applied_key:
             self._restore_base_weight()
@@ -163,6 +175,67 @@ class SEFTLayer(BaseTunerLayer):
         self._write_adapters(storage, adapter_names)
         self._applied_versions = self._values_versions(adapter_names)
 
+    # ---- under FSDP2: the local shard of the base weight and the all-gathered weight of a running forward ----------
+
+    def _visible_storage(self) -> torch.Tensor | None:
+        """The full (all-gathered) base weight the module holds inside a forward or backward under FSDP2, flat; None
+        when it holds only its shard."""
+        weight = self.get_base_layer().weight
+        if weight is self._shard.sharded_param or weight.untyped_storage().size() == 0:
+            return None
+        return weight.data.view(-1)
+
+    def _write_sharded(self, touched_values: torch.Tensor) -> None:
+        """Write values at every touched position: into the local shard where it holds them, and into the
+        all-gathered weight when a forward or backward holds one."""
+        shard, positions = self._shard, self._touched_positions
+        local = shard.local_flat()
+        own = shard.owned(positions)
+        local[positions[own] - shard.start] = touched_values[own].to(local.dtype)
+        visible = self._visible_storage()
+        if visible is not None:
+            visible[positions] = touched_values.to(visible.dtype)
+
+    def _apply_adapters_sharded(self, adapter_names: list[str], key: tuple) -> None:
+        if key != self._applied_key:  # every rank at the same time: positions change together on all ranks
+            self._restore_base_weight()
+            touched = torch.cat(
+                [self.seft_indices[name].long() for name in adapter_names]
+                + [self.pruned_positions(name).long() for name in adapter_names]
+            )
+            self._touched_positions = self._storage_positions(touched).unique()
+            self._original_values = self._shard.gather_at(self._touched_positions)  # W0 held by every rank
+            self._shard_w0 = (self._touched_positions, self._original_values)
+            self._applied_key = key
+        self._write_sharded(self._touched_weight(adapter_names))
+        self._applied_versions = self._values_versions(adapter_names)
+
+    def _touched_weight(self, adapter_names: list[str]) -> torch.Tensor:
+        """W at the touched positions, computed as _write_adapters computes it (same rounding)."""
+        touched = self._touched_positions
+        weight = self._original_values.clone()
+        for name in adapter_names:
+            weight[torch.searchsorted(touched, self._storage_positions(self.pruned_positions(name)))] = 0
+        for name in adapter_names:
+            slots = torch.searchsorted(touched, self._storage_positions(self.seft_indices[name]))
+            values = self._full_values(name).detach().float()
+            weight[slots] = (weight[slots].float() + values).to(weight.dtype)
+        return weight
+
+    def _full_values(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's K values (all-gathered outside a forward when FSDP2 shards them: every rank must call)."""
+        return full_tensor(self.seft_values[adapter_name])
+
+    def _zero_values(self, adapter_name: str, slots: torch.Tensor) -> None:
+        """Zero the values at a (K,) mask of slots, in the local shard when FSDP2 shards them."""
+        values = self.seft_values[adapter_name]
+        part = values_range(values)
+        with torch.no_grad():
+            if part is None:
+                values[slots] = 0
+            else:
+                values.to_local()[slots[part[0] : part[1]]] = 0
+
     def _hold_weight_of(self, adapter_names: list[str]) -> None:
         """Make the base weight hold W for these adapters, or W0 for none."""
         if adapter_names:
@@ -176,7 +249,7 @@ class SEFTLayer(BaseTunerLayer):
             storage[self._storage_positions(self.pruned_positions(name))] = 0
         for name in adapter_names:
             positions = self._storage_positions(self.seft_indices[name])
-            values = self.seft_values[name].detach().float()
+            values = self._full_values(name).detach().float()
             storage[positions] = (storage[positions].float() + values).to(storage.dtype)
 
     @staticmethod
@@ -186,11 +259,15 @@ class SEFTLayer(BaseTunerLayer):
     def effective_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
         """W (out, in) for the given (default: active) adapters, computed on a copy; W0 for an empty list."""
         names = self._active_seft_adapters() if adapter_names is None else adapter_names
-        storage = self._weight_storage().clone()
+        if self._shard is not None:  # the all-gathered weight (a collective outside forward and backward)
+            visible = self._visible_storage()
+            storage = (visible if visible is not None else full_tensor(self._shard.sharded_param).reshape(-1)).clone()
+        else:
+            storage = self._weight_storage().clone()
         if self._touched_positions is not None:
             storage[self._touched_positions] = self._original_values.to(storage)
         self._write_adapters(storage, names)
-        weight = storage.view_as(self.get_base_layer().weight)
+        weight = storage.view(self.get_base_layer().weight.shape)
         return weight.T if isinstance(self.get_base_layer(), Conv1D) else weight
 
     def _active_seft_adapters(self) -> list[str]:
@@ -201,7 +278,17 @@ class SEFTLayer(BaseTunerLayer):
     def base_values_at(self, logical_positions: torch.Tensor) -> torch.Tensor:
         """W0 at the given positions, whatever the base weight holds in place right now."""
         storage_positions = self._storage_positions(logical_positions)
-        values = self._weight_storage()[storage_positions].clone()
+        if self._shard is not None:
+            known, visible = self._shard_w0, self._visible_storage()
+            if known is not None and bool(torch.isin(storage_positions, known[0]).all()):
+                # W0 last gathered there (e.g. at T: saving needs no collective, so rank 0 may save alone)
+                return known[1][torch.searchsorted(known[0], storage_positions)].clone()
+            if visible is not None:
+                values = visible[storage_positions].clone()
+            else:  # a collective: every rank must call
+                values = self._shard.gather_at(storage_positions)
+        else:
+            values = self._weight_storage()[storage_positions].clone()
         if self._touched_positions is not None and storage_positions.numel():
             slot = torch.searchsorted(self._touched_positions, storage_positions).clamp_max(
                 self._touched_positions.numel() - 1
@@ -254,7 +341,15 @@ class SEFTLayer(BaseTunerLayer):
             if window is None or gradient is None:
                 continue
             k = window.trainable.numel()
-            if not window.selected:
+            if not window.selected and is_distributed():
+                # Candidates of the global micro-batch: the mean of the ranks' gradients (each of a mean loss), as
+                # DDP and FSDP average; the window's own sums stay local until the step ends (end_window_step).
+                if dense is None:
+                    dense = all_reduce_(grad_out.T.float() @ inputs.float()) / torch.distributed.get_world_size()
+                window.select(dense, logical_weight(self.get_base_layer()).detach(), self.pruned_positions(name))
+                pattern = SamplePattern.from_flat(window.candidates, (self.out_features, self.in_features))
+                candidate_grad = sampled_gradient(grad_out, inputs, pattern)
+            elif not window.selected:
                 if dense is None:
                     dense = grad_out.T.float() @ inputs.float()
                 window.select(dense, logical_weight(self.get_base_layer()).detach(), self.pruned_positions(name))
@@ -270,7 +365,8 @@ class SEFTLayer(BaseTunerLayer):
         """After an optimizer step: fold that step's gradients into the adapter's window (if one is open)."""
         window = self._windows.get(adapter_name)
         if window is not None:
-            window.end_step(self.seft_values[adapter_name].grad)
+            grad = self.seft_values[adapter_name].grad
+            window.end_step(None if grad is None else full_tensor(grad), reduce=is_distributed())
 
     def evolve_adapter(
         self, adapter_name: str, drop_rate: float, config: SEFTConfig
@@ -282,7 +378,7 @@ class SEFTLayer(BaseTunerLayer):
         window = self.close_window(adapter_name)
         if window is None or window.steps == 0 or not window.finite:
             return None
-        indices, values = self.seft_indices[adapter_name], self.seft_values[adapter_name]
+        indices, values = self.seft_indices[adapter_name], self._full_values(adapter_name)
         pruned_buffer = self.seft_pruned[adapter_name]
         pruned = self.pruned_positions(adapter_name)
         trainable_scores, grow = window.growth(config.growth_statistic)
@@ -312,7 +408,7 @@ class SEFTLayer(BaseTunerLayer):
             indices.copy_(result.indices.to(indices.dtype))
             pruned_buffer.fill_(EMPTY_SLOT)
             pruned_buffer[: result.pruned.numel()] = result.pruned.to(pruned_buffer.dtype)
-            values[result.changed_slots] = 0
+        self._zero_values(adapter_name, result.changed_slots)
         return result.counts, result.changed_slots, window
 
     def _evolve_nm(
@@ -456,6 +552,9 @@ class SEFTLinear(nn.Module, SEFTLayer):
 
 def _weight_of_forward(layer: SEFTLinear, names: list[str], state: tuple, grad_outputs: tuple) -> None:
     """Backward pre-hook: make the base weight hold the W this forward used again (O(K)) if it was overwritten."""
+    if layer._shard is not None:  # FSDP2 may have all-gathered the weight again (from shards that hold W): write W
+        layer._hold_weight_of(names)
+        return
     if layer._weight_state() == state:
         return
     if names and (layer._adapter_key(names), layer._values_versions(names)) != state[:2]:

@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from ..evolution.window import GradientWindow
+from ..utils.distributed import check_supported_sharding, full_tensor
 from ..utils.targets import check_supported_layer, default_target_pattern
 from .config import SEFTConfig
 from .fingerprint import trained_checksum, with_trained_checksum
@@ -73,7 +74,9 @@ class SEFTModel(BaseTuner):
                 adapted += (f"{name}.",)
                 module = module.get_base_layer()
             if self._check_target_module_exists(config, name):
-                check_supported_layer(name, module)  # before any layer is replaced: refuse quantized layers up front
+                # Before any layer is replaced: refuse sharded (FSDP1/2, ZeRO-3) and quantized layers up front.
+                check_supported_sharding([_PlainTarget(module)], injecting=True)
+                check_supported_layer(name, module)
                 sizes[name] = module.weight.numel()
         if config.num_trainable is None:
             return {name: round(config.density * size) for name, size in sizes.items()}
@@ -121,12 +124,18 @@ class SEFTModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # Under FSDP2 the values are sharded DTensors: the adapter file holds them whole. From model.state_dict() every
+        # rank must save (is_main_process=(rank == 0)): gathering them is a collective. With a gathered full state dict
+        # (the Trainer's FULL_STATE_DICT) rank 0 may save alone: W0 at T is known without a collective.
+        to_return = {key: full_tensor(value) for key, value in to_return.items()}
         # Saved inside a gradient window (a mid-window checkpoint): add the window's O(K) statistics so that resuming
         # continues exactly. Outside a window nothing is added.
         for name, module in model.named_modules():
             key = f"{name}.seft_fingerprint.{adapter_name}"
             if isinstance(module, SEFTLayer) and key in to_return:  # with the sum of W0 * delta at T (fingerprint.py)
-                values = module.seft_values[adapter_name]
+                values = to_return.get(f"{name}.seft_values.{adapter_name}")
+                if values is None:
+                    values = module._full_values(adapter_name)
                 checksum = trained_checksum(module.base_values_at(module.seft_indices[adapter_name]), values)
                 to_return[key] = with_trained_checksum(to_return[key], checksum)
             if isinstance(module, SEFTLayer) and adapter_name in module._windows:
@@ -171,6 +180,17 @@ def refuse_tied_targets(model: nn.Module, targets: Iterable[str]) -> None:
                 f"weight into the base weight in place, which would change the tied module too. Exclude {target} "
                 "(exclude_modules) or untie the weights first (e.g. load the model with tie_word_embeddings=False)."
             )
+
+
+class _PlainTarget:
+    """A target module before injection, seen as a layer by check_supported_sharding."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        self.seft_values = {}
+
+    def get_base_layer(self) -> nn.Module:
+        return self.module
 
 
 def _evolution_before_forward(evolution: Evolution, module: nn.Module, args: tuple) -> None:

@@ -6,6 +6,10 @@ gradient window ``selection_steps`` before each round, runs the round every ``up
 resets (or seeds) the optimizer state of every slot whose position changed. Plain PyTorch loops, the
 transformers Trainer and TRL's SFTTrainer therefore need no extra code. Rounds stop at ``total_steps``
 (taken from the Trainer's max steps when unset, see callbacks.py).
+
+Under torch.distributed (DDP, FSDP2) the windows' statistics are reduced over ranks (window.py, layer.py), so every
+rank runs the same round on the statistics of the global batch; rank 0's positions are broadcast after each round
+only as a guard.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..evolution.rounds import RoundCounts, drop_count, drop_rate
+from ..utils.distributed import WeightShard, check_supported_sharding, is_distributed, local_part, values_range
 from .layer import EMPTY_SLOT, SEFTLayer
 
 logger = logging.getLogger("peft_seft")
@@ -96,7 +102,10 @@ class Evolution:
         return dict(sorted(trained.items()))
 
     def on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for name, trained in self.trained_layers(optimizer).items():
+        trained_layers = self.trained_layers(optimizer)
+        if trained_layers and _initializes_state(optimizer):
+            return
+        for name, trained in trained_layers.items():
             config = self.config(name)
             if config.initial_drop_rate == 0:
                 continue
@@ -115,6 +124,8 @@ class Evolution:
 
     def before_forward(self) -> None:
         """Open the windows due at the current step, once after creation, loading or resuming."""
+        if dist.is_available() and dist.is_initialized():  # FSDP2 may shard over a single rank too
+            self.bind_shards()
         if not torch.is_grad_enabled():
             return
         seen = set()
@@ -128,6 +139,14 @@ class Evolution:
                     self._scheduled[name] = key
                     if self.config(name).initial_drop_rate > 0:
                         self.schedule_window(name, int(step_buffer.item()))
+
+    def bind_shards(self) -> None:
+        """Under torch.distributed: refuse FSDP1 and DeepSpeed ZeRO-3, and find the FSDP2 shard of every layer's base
+        weight (fully_shard may be called after get_peft_model at any time before training)."""
+        tuner = self._tuner()
+        if tuner is not None:
+            check_supported_sharding(self.layers())
+            bind_fsdp(tuner.model)
 
     def round_due(self, adapter_name: str, step: int) -> bool:
         """Whether a round with a non-zero drop rate happens right after optimizer step ``step``."""
@@ -180,21 +199,23 @@ class Evolution:
         total, skipped = RoundCounts(), 0
         for layer in layers:
             old_indices = layer.seft_indices[name].clone()
+            # Under torch.distributed every rank holds the same reduced window statistics (window.py), so every rank
+            # runs the same round, skips the same layers, and the values are the same (DDP) or their shards (FSDP2).
+            distributed = is_distributed()
+            old_values = local_part(layer.seft_values[name]).detach().clone() if distributed else None
             outcome = layer.evolve_adapter(name, rate, config)
-            outcome = _take_rank0_outcome(layer, name, outcome)
             if outcome is None:
                 skipped += 1
                 continue
             counts, _, window = outcome
+            if distributed and _broadcast_adapter_state(layer, name):  # a guard: positions cannot drift apart
+                with torch.no_grad():  # this rank zeroed the slots of its own decision: zero rank 0's instead
+                    local_part(layer.seft_values[name]).copy_(old_values)
             changed = layer.seft_indices[name] != old_indices
+            layer._zero_values(name, changed)
             seed = None
             if config.grown_optimizer_state != "zero":
-                positions = layer.seft_indices[name][changed].long()
-                if window is not None:
-                    seed = window.optimizer_seed(positions)
-                else:  # rank 0 ran this layer's round, this rank had no window: rank 0's seeds arrive below
-                    seed = tuple(torch.zeros(positions.numel(), device=positions.device) for _ in range(2))
-                seed = _broadcast_tensors(*seed)  # from the local window: take rank 0's, like the positions
+                seed = window.optimizer_seed(layer.seft_indices[name][changed].long())
                 if config.grown_optimizer_state == "warmup":
                     seed = (torch.zeros_like(seed[0]), seed[1])
             reset_optimizer_state(optimizer, layer.seft_values[name], changed, seed)
@@ -239,46 +260,67 @@ def _on_step(tuner_ref: weakref.ref, optimizer: torch.optim.Optimizer) -> None:
         tuner.evolution.on_optimizer_step(optimizer)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _initializes_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether this step only creates the optimizer's state: torch.distributed.checkpoint's set_optimizer_state_dict
+    (used to resume FSDP2 training) calls step() with lr 0 and all-zero gradients before loading the state. It is
+    not a training step: counting it would shift every later round and window by one step."""
+    if any(float(group.get("lr", 1.0)) != 0 for group in optimizer.param_groups):
+        return False
+    nonzero = any(
+        p.grad is not None and bool(local_part(p.grad).count_nonzero())
+        for group in optimizer.param_groups
+        for p in group["params"]
+    )
+    if is_distributed():  # the same answer on every rank, whatever its shard holds
+        device = next(local_part(p).device for group in optimizer.param_groups for p in group["params"])
+        flag = torch.tensor([float(nonzero)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        nonzero = bool(flag.item())
+    return not nonzero
 
 
-def _broadcast_tensors(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Rank 0's values of tensors whose shapes agree on every rank (unchanged when not distributed)."""
-    if _distributed():
-        for tensor in tensors:
-            if tensor.numel():
-                dist.broadcast(tensor, src=0)
-    return tensors
-
-
-def _take_rank0_outcome(layer: SEFTLayer, name: str, outcome: tuple | None) -> tuple | None:
-    """Under torch.distributed, every rank takes rank 0's round for this layer: positions, pruned set, values and
-    counts, and also rank 0's decision to skip the layer (no finite gradient in its window), so that no rank waits
-    in a broadcast that another rank skipped. Returns (counts, None, local window or None) or None (skipped)."""
-    if not _distributed():
-        return outcome
-    _broadcast_adapter_state(layer, name)
-    counts = outcome[0] if outcome is not None else RoundCounts()
-    flags = [int(outcome is not None), *vars(counts).values()]
-    flags = torch.tensor(flags, dtype=torch.int64, device=layer.seft_indices[name].device)
-    dist.broadcast(flags, src=0)
-    if not flags[0]:
-        return None
-    return RoundCounts(*flags[1:].tolist()), None, outcome[2] if outcome is not None else None
-
-
-def _broadcast_adapter_state(layer: SEFTLayer, name: str) -> None:
-    """Under torch.distributed, every rank takes rank 0's decision so that positions stay identical."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for tensor in (layer.seft_indices[name], layer.seft_pruned[name], layer.seft_values[name].data):
+def _broadcast_adapter_state(layer: SEFTLayer, name: str) -> bool:
+    """A guard after each round under torch.distributed: every rank computed the same round from the same reduced
+    statistics; should floating-point differences ever make a rank decide otherwise, it takes rank 0's positions
+    (O(K) per layer and round), says so and returns True."""
+    replaced = False
+    for tensor in (layer.seft_indices[name], layer.seft_pruned[name]):
         received = tensor.clone()
         dist.broadcast(received, src=0)
-        # dist.broadcast does not bump tensor._version, which the layer's in-place weight and pattern caches key on:
-        # copy_ does, so a rank whose local round changed nothing still re-applies rank 0's positions.
-        with torch.no_grad():
-            tensor.copy_(received)
+        if not torch.equal(received, tensor):
+            logger.warning("SEFT round: rank %d took rank 0's positions of a layer (adapter %r)", dist.get_rank(), name)
+            # copy_ bumps tensor._version, which the layer's in-place weight and pattern caches key on.
+            with torch.no_grad():
+                tensor.copy_(received)
+            replaced = True
+    return replaced
+
+
+def bind_fsdp(model: nn.Module) -> None:
+    """Tell every SEFT layer of ``model`` whether FSDP2 shards its base weight (and where its shard is)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 has no public FSDP2: nothing can be sharded by it
+        return
+
+    weight_params = {}
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            for fsdp_param in group.fsdp_params if group is not None else ():
+                info = fsdp_param._module_info
+                weight_params[(id(info.module), info.param_name)] = fsdp_param
+    for module in model.modules():
+        if isinstance(module, SEFTLayer):
+            fsdp_param = weight_params.get((id(module.get_base_layer()), "weight"))
+            current = module._shard
+            if fsdp_param is None:
+                module._shard = None
+            elif current is None or current.fsdp_param is not fsdp_param:
+                # A forward before fully_shard left W in the weight that FSDP2 split into shards: the kept originals
+                # are written back into the shard (positions are those of the storage, which sharding keeps).
+                module._shard, module._shard_w0 = WeightShard(fsdp_param), None
+                module._restore_base_weight()
 
 
 def reset_optimizer_state(
@@ -298,14 +340,21 @@ def reset_optimizer_state(
     state = optimizer.state.get(param)
     if not state or not changed.any():
         return
+    part = values_range(param)  # FSDP2 shards the values and their state: each rank resets the slots it holds
+    if part is not None:
+        if seed is not None:
+            in_part = (changed.nonzero().squeeze(1) >= part[0]) & (changed.nonzero().squeeze(1) < part[1])
+            seed = tuple(s[in_part] for s in seed)
+        changed = changed[part[0] : part[1]]
     with torch.no_grad():
         for value in state.values():
             if torch.is_tensor(value) and value.shape == param.shape:
-                value[changed] = 0
+                local_part(value)[changed] = 0
         if seed is not None and "exp_avg" in state and "exp_avg_sq" in state:
             group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
             beta1, beta2 = group["betas"]
-            step = float(state["step"]) if "step" in state else 1.0
+            step = float(local_part(state["step"])) if "step" in state else 1.0
             mean, mean_square = seed
-            state["exp_avg"][changed] = (mean * (1 - beta1**step)).to(state["exp_avg"])
-            state["exp_avg_sq"][changed] = (mean_square * (1 - beta2**step)).to(state["exp_avg_sq"])
+            for key, target in (("exp_avg", mean * (1 - beta1**step)), ("exp_avg_sq", mean_square * (1 - beta2**step))):
+                local = local_part(state[key])
+                local[changed] = target.to(local)

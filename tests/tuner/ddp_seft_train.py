@@ -1,13 +1,13 @@
 """SFTTrainer + SEFT under DDP on CPU, run by test_training_integration.py as
 ``torchrun --standalone --nproc_per_node 2 ddp_seft_train.py OUT_DIR [--seed-optimizer-state] [--nonfinite]``.
 
-Every rank trains on its own shard of the data (so its local gradient windows differ from the other rank's), and
-saves to ``OUT_DIR/rank<r>.pt``: its adapter state before training, after the first round and at the end, effective
-weights, Adam state of the SEFT values, the rounds it ran, and for every layer and round whether its local decision
-differed from rank 0's broadcast one.
+Every rank trains on its own shard of the data, and saves to ``OUT_DIR/rank<r>.pt``: its adapter state before
+training, after the first round and at the end, effective weights, Adam state of the SEFT values, the rounds it ran,
+and for every layer and round whether its own decision differed from rank 0's (the windows are reduced over ranks,
+so it never should: the broadcast after each round is a guard).
 
 ``--nonfinite``: in the first window, rank 1 sees a non-finite gradient in layer NONFINITE_LAYERS[1] and rank 0 in
-layer NONFINITE_LAYERS[0], so each rank would skip a different layer on its own.
+layer NONFINITE_LAYERS[0]; the reduced windows of both layers are non-finite on both ranks.
 """
 
 from __future__ import annotations
@@ -69,9 +69,10 @@ def main() -> None:
 
     def recording_broadcast(layer, name):
         local = (layer.seft_indices[name].clone(), layer.seft_pruned[name].clone())
-        broadcast(layer, name)
+        replaced = broadcast(layer, name)
         same = torch.equal(local[0], layer.seft_indices[name]) and torch.equal(local[1], layer.seft_pruned[name])
         local_decision_differs.append(not same)
+        return replaced
 
     seft_training._broadcast_adapter_state = recording_broadcast
 
