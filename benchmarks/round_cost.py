@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_seft
+from peft_seft.testing import tiny_llama
 
 INTERVAL, WINDOW, STEPS = 20, 5, 60
 CLOCKS = ("cpu", "wall")
@@ -31,22 +31,15 @@ KINDS = ("ordinary", "first window step", "later window steps", "last window ste
 
 
 def build(evolving: bool):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=8192,
-    )
+    dims = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, vocab_size=8192)
+    model = tiny_llama(0.0, eval_mode=False, **dims, num_key_value_heads=8, max_position_embeddings=2048)  # dense
     seft = peft_seft.SEFTConfig(
         density=0.01, initial_drop_rate=0.2 if evolving else 0.0, total_steps=10**6, random_seed=0
     )
     assert (seft.update_interval, seft.selection_steps) == (INTERVAL, WINDOW)
-    model = get_peft_model(LlamaForCausalLM(config), seft)
+    model = get_peft_model(model, seft)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    return model, optimizer, torch.randint(0, config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
+    return model, optimizer, torch.randint(0, 8192, (4, 256), generator=torch.Generator().manual_seed(0))
 
 
 def train_step(model, optimizer, ids) -> dict[str, float]:

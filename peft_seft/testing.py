@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -321,3 +324,14 @@ def sft_args(output_dir: str, **overrides):
     }
     kwargs.update(overrides)
     return SFTConfig(**kwargs)
+
+
+def torchrun(script: Path, *args: str, processes: int = 2, timeout: float = 300) -> None:
+    """Run ``script`` under ``torch.distributed.run`` on CPU (gloo) with ``processes`` ranks, from its folder; fails
+    with the end of its output when it does."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.run(
+        [*command, str(script), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=script.parent
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-6000:]

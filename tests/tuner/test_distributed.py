@@ -8,9 +8,6 @@ on this (single) process.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,26 +16,14 @@ from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 
 from peft_seft import SEFTConfig
-from peft_seft.testing import seft_layers, tiny_pruned_llama, token_batch
+from peft_seft.testing import seft_layers, tiny_pruned_llama, token_batch, torchrun
 
 TESTS_DIR = Path(__file__).resolve().parent
 VARIANTS = ("fsdp_reshard", "fsdp_keep", "ddp", "fsdp_seeded")
 
 
 def launch(out_dir: Path, num_processes: int) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(num_processes),
-        str(TESTS_DIR / "fsdp_seft_train.py"),
-        str(out_dir),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=TESTS_DIR)
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-6000:]
+    torchrun(TESTS_DIR / "fsdp_seft_train.py", str(out_dir), processes=num_processes)
     return torch.load(out_dir / "results.pt", weights_only=False)
 
 

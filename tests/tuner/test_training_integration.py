@@ -6,9 +6,6 @@ Models are tiny (2-layer Llama, hidden 64, block linears magnitude-pruned to 50 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +24,7 @@ from peft_seft.testing import (
     text_dataset,
     tiny_pruned_llama,
     token_batch,
+    torchrun,
 )
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -345,20 +343,7 @@ def saved_tensors(path) -> dict[str, torch.Tensor]:
 
 
 def run_ddp(out_dir: Path, *flags: str) -> list[dict]:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(TESTS_DIR / "ddp_seft_train.py"),
-        str(out_dir),
-        *flags,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=TESTS_DIR)
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-6000:]
+    torchrun(TESTS_DIR / "ddp_seft_train.py", str(out_dir), *flags)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 
