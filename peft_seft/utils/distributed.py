@@ -110,8 +110,8 @@ class WeightShard:
 
 
 def check_supported_sharding(layers, injecting: bool = False) -> None:
-    """Refuse FSDP1 and DeepSpeed ZeRO-3, which shard or flatten the base weights SEFT writes into, and (``injecting``)
-    a base that FSDP2 already sharded: SEFT chooses its positions on the whole weight."""
+    """Refuse FSDP1 over several ranks and DeepSpeed ZeRO-3, which shard or flatten the base weights SEFT writes into,
+    and (``injecting``) a base that FSDP2 already sharded: SEFT chooses its positions on the whole weight."""
     for layer in layers:
         base = layer.get_base_layer()
         if injecting and is_dtensor(base._parameters.get("weight")):
@@ -128,7 +128,7 @@ def check_supported_sharding(layers, injecting: bool = False) -> None:
             if hasattr(param, "ds_id") or hasattr(param, "ds_numel"):
                 raise RuntimeError(UNSUPPORTED_SHARDING.format(what="DeepSpeed ZeRO-3 (partitioned parameters)"))
             flattened = flattened or getattr(param, "_fsdp_flattened", False)
-        if flattened:
+        if flattened and is_distributed():  # over one rank FSDP1's flat parameter holds every weight whole
             what = "FSDP1 (FullyShardedDataParallel, flattened parameters)"
             raise RuntimeError(UNSUPPORTED_SHARDING.format(what=what))
 
