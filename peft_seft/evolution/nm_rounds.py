@@ -68,7 +68,7 @@ def rank_within_groups(groups: torch.Tensor, priority: torch.Tensor) -> torch.Te
 
 def evolve_nm(
     indices: torch.Tensor,
-    values: torch.Tensor,
+    drop_keys: torch.Tensor,
     pruned: torch.Tensor,
     zero_in_base: torch.Tensor,
     weight: torch.Tensor,
@@ -84,11 +84,12 @@ def evolve_nm(
 ) -> RoundResult:
     """One N:M round (see the module docstring).
 
-    ``indices``/``values`` (K,): T and delta; ``pruned``: P; ``zero_in_base`` (K,): W0 is zero at each position of
-    T; ``weight``: the flat effective weight W of this adapter (W0 with P zeroed plus delta at T), read at round
-    time only; ``grow``: growth candidates by score; ``prune``: preferred frozen partners with their scores (e.g.
-    the sensitivity window, may be empty); ``restore_scores`` aligned with ``pruned``; ``grow_pruned=False``
-    restricts growth to active weights (the frozen-topology N:M mode)."""
+    ``indices`` (K,): T; ``drop_keys`` (K,): the smallest are dropped first (|delta|, or a window score);
+    ``pruned``: P; ``zero_in_base`` (K,): W0 is zero at each position of T; ``weight``: the flat effective weight
+    W of this adapter (W0 with P zeroed plus delta at T), read at round time only; ``grow``: growth candidates by
+    score; ``prune``: preferred frozen partners with their scores (e.g. the sensitivity window, may be empty);
+    ``restore_scores`` aligned with ``pruned``; ``grow_pruned=False`` restricts growth to active weights (the
+    frozen-topology N:M mode)."""
     device = weight.device
     indices, pruned = indices.long(), pruned.long()
     zero_in_base = zero_in_base.bool()
@@ -122,7 +123,7 @@ def evolve_nm(
     frozen_budget = frozen_count.clone()
     trainable_group = compact(indices)
 
-    slots_in_order, num_drop = drop_order(values, num_drop, trainable_scores, grow_scores)
+    slots_in_order, num_drop = drop_order(drop_keys, num_drop, trainable_scores, grow_scores)
     num_changes = min(num_drop, grow_positions.numel(), indices.numel())
     inactive_order = torch.argsort(grow_scores, descending=True, stable=True)
     inactive_order = inactive_order[grow_inactive[inactive_order]]

@@ -2,7 +2,8 @@
 
 Positions are flat indices into the layer's logical (out, in) weight. A round:
 
-1. drop the ``d`` trainable entries with the smallest |delta|; a dropped entry whose own growth score ranks among
+1. drop the ``d`` trainable entries with the smallest |delta| (or smallest window growth score, the "gradient" drop
+   criterion); a dropped entry whose own growth score ranks among
    the ``d`` best of the dropped entries and the growth candidates is re-grown at once: it keeps its slot and value
    (as in SpIEL), and the round changes one position fewer;
 2. grow candidates (not trainable now) with the largest window score into the dropped slots;
@@ -58,15 +59,16 @@ def drop_count(num_trainable: int, drop_rate: float) -> int:
 
 
 def drop_order(
-    values: torch.Tensor, num_drop: int, trainable_scores: torch.Tensor | None, candidate_scores: torch.Tensor
+    drop_keys: torch.Tensor, num_drop: int, trainable_scores: torch.Tensor | None, candidate_scores: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
     """Slots in the order they are dropped, and how many are dropped.
 
-    The ``num_drop`` entries with the smallest |delta| are due; those whose growth score (``trainable_scores``, K)
+    The ``num_drop`` entries with the smallest ``drop_keys`` (K: |delta|, or a window score) are due; those whose
+    growth score (``trainable_scores``, K)
     ranks among the ``num_drop`` best of theirs and the ``candidate_scores`` of the eligible growth candidates are
     re-grown at once and move to the end of the order (ties favour keeping). ``trainable_scores=None`` keeps none.
     """
-    order = torch.argsort(values.detach().abs(), stable=True)
+    order = torch.argsort(drop_keys.detach(), stable=True)
     if trainable_scores is None or num_drop <= 0:
         return order, num_drop
     due = order[:num_drop]
@@ -79,7 +81,7 @@ def drop_order(
 
 def evolve(
     indices: torch.Tensor,
-    values: torch.Tensor,
+    drop_keys: torch.Tensor,
     pruned: torch.Tensor,
     zero_in_base: torch.Tensor,
     grow: Candidates,
@@ -90,7 +92,8 @@ def evolve(
     grow_pruned: bool = True,
     trainable_scores: torch.Tensor | None = None,
 ) -> RoundResult:
-    """One round. ``zero_in_base`` (K,): W0 is zero at each trainable position. ``grow_inactive``: each growth
+    """One round. ``drop_keys`` (K,): the entries with the smallest keys are dropped first (see
+    :func:`drop_order`). ``zero_in_base`` (K,): W0 is zero at each trainable position. ``grow_inactive``: each growth
     candidate is structurally inactive (zero in W0 or in P). ``prune`` candidates are frozen active weights
     (non-zero, not trainable, not in P). ``restore_scores`` are aligned with ``pruned``. ``trainable_scores`` (K,):
     the growth scores of T, so that a dropped entry can be re-grown with its value (see :func:`drop_order`)."""
@@ -103,7 +106,7 @@ def evolve(
         grow.scores[eligible],
         grow_inactive[eligible],
     )
-    slots_in_order, num_drop = drop_order(values, num_drop, trainable_scores, grow_scores)
+    slots_in_order, num_drop = drop_order(drop_keys, num_drop, trainable_scores, grow_scores)
     num_changes = min(num_drop, grow_positions.numel(), indices.numel())
     prune_budget = prune.positions.numel()
     while True:

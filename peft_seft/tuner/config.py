@@ -10,9 +10,11 @@ from peft.config import PeftConfig
 from ..utils.sparsity import parse_nm_pattern
 from .registration import SEFT_PEFT_TYPE
 
+DROP_CRITERIA = ("magnitude", "gradient")
 DROP_SCHEDULES = ("cosine", "linear")
 PRUNE_CRITERIA = ("sensitivity", "magnitude", "wanda")
 WINDOW_STATISTICS = ("abs_sum", "mean_abs")
+GROWTH_STATISTICS = (*WINDOW_STATISTICS, "consistent")
 GROWN_OPTIMIZER_STATES = ("zero", "warmup", "seed")
 
 
@@ -110,6 +112,15 @@ class SEFTConfig(PeftConfig):
         default="cosine",
         metadata={"help": "Decay of the drop rate from `initial_drop_rate` to 0: 'cosine' or 'linear'."},
     )
+    drop_criterion: Literal["magnitude", "gradient"] = field(
+        default="magnitude",
+        metadata={
+            "help": "Which trainable entries a round drops: 'magnitude', the smallest |delta| (the paper, SpIEL), or "
+            "'gradient', the smallest window growth score (`growth_statistic`), so an entry keeps its slot while its "
+            "gradient is as useful as the candidates'. Under Adam |delta| mostly measures an entry's age, so "
+            "'magnitude' drops the last round's growth first."
+        },
+    )
     full_reselection_first: bool = field(
         default=False,
         metadata={
@@ -133,11 +144,13 @@ class SEFTConfig(PeftConfig):
             "Taylor |W * G|, see `sensitivity_statistic`), 'magnitude' |W|, or 'wanda' |W|*||X_col||."
         },
     )
-    growth_statistic: Literal["abs_sum", "mean_abs"] = field(
+    growth_statistic: Literal["abs_sum", "mean_abs", "consistent"] = field(
         default="abs_sum",
         metadata={
             "help": "How the window's optimizer-step gradients g of a position become its growth score: 'abs_sum' "
-            "|sum of g| (RigL, SpIEL: noise cancels) or 'mean_abs' mean |g|."
+            "|sum of g| (RigL, SpIEL: noise cancels), 'mean_abs' mean |g|, or 'consistent' (sum of g)^2 - sum of "
+            "g^2, the sum of products of different steps' gradients (a one-step spike adds nothing; needs "
+            "selection_steps >= 2)."
         },
     )
     sensitivity_statistic: Literal["abs_sum", "mean_abs"] = field(
@@ -212,11 +225,18 @@ class SEFTConfig(PeftConfig):
             fail("initial_drop_rate", "it must be in [0, 1]")
         if self.drop_schedule not in DROP_SCHEDULES:
             fail("drop_schedule", f"allowed values are {DROP_SCHEDULES}")
+        if self.drop_criterion not in DROP_CRITERIA:
+            fail("drop_criterion", f"allowed values are {DROP_CRITERIA}")
         if self.prune_criterion not in PRUNE_CRITERIA:
             fail("prune_criterion", f"allowed values are {PRUNE_CRITERIA}")
-        for name in ("growth_statistic", "sensitivity_statistic"):
-            if getattr(self, name) not in WINDOW_STATISTICS:
-                fail(name, f"allowed values are {WINDOW_STATISTICS}")
+        for name, allowed in (("growth_statistic", GROWTH_STATISTICS), ("sensitivity_statistic", WINDOW_STATISTICS)):
+            if getattr(self, name) not in allowed:
+                fail(name, f"allowed values are {allowed}")
+        if self.growth_statistic == "consistent" and self.selection_steps < 2:
+            fail(
+                "growth_statistic",
+                "'consistent' compares the gradients of different steps: it needs selection_steps >= 2",
+            )
         if not isinstance(self.candidate_factor, int | float) or not self.candidate_factor >= 1:
             fail("candidate_factor", "it must be a number >= 1")
         if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):

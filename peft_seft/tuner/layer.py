@@ -385,7 +385,7 @@ class SEFTLayer(BaseTunerLayer):
         restore_scores = window.at(pruned, config.sensitivity_statistic) * self.base_values_at(pruned).float().abs()
         common = {
             "indices": indices,
-            "values": values,
+            "drop_keys": trainable_scores if config.drop_criterion == "gradient" else values.detach().abs(),
             "pruned": pruned,
             "zero_in_base": self.base_values_at(indices) == 0,
             "grow": grow,

@@ -101,7 +101,7 @@ def round_on(
 
     result = evolve_nm(
         indices=indices,
-        values=values,
+        drop_keys=values.abs(),
         pruned=pruned,
         zero_in_base=weight0[indices] == 0,
         weight=weight,
@@ -211,7 +211,7 @@ def test_random_rounds_keep_every_group(
         prune = Candidates(torch.randperm(size, generator=generator)[:k], torch.rand(k, generator=generator))
         result = evolve_nm(
             indices=indices,
-            values=values,
+            drop_keys=values.abs(),
             pruned=pruned,
             zero_in_base=flat[indices] == 0,
             weight=weight,

@@ -85,7 +85,7 @@ def test_evolve_grows_the_largest_gradients_and_prunes_the_least_sensitive():
     # 8 positions, W0 zero at 0..3; T = {4, 5} with |delta| 0.1 (dropped) and 0.9.
     result = evolve(
         indices=torch.tensor([4, 5]),
-        values=torch.tensor([0.1, 0.9]),
+        drop_keys=torch.tensor([0.1, 0.9]),
         pruned=torch.tensor([], dtype=torch.long),
         zero_in_base=torch.tensor([False, False]),
         grow=Candidates(torch.tensor([0, 1, 6]), torch.tensor([5.0, 1.0, 3.0])),
@@ -104,7 +104,7 @@ def keep_round(trainable_scores: list[float], num_drop: int):
     """T = {4, 5} with |delta| 0.1 and 0.9 (slot 0 is dropped first); candidates 6 and 7 score 1.0 and 3.0."""
     return evolve(
         indices=torch.tensor([4, 5]),
-        values=torch.tensor([0.1, 0.9]),
+        drop_keys=torch.tensor([0.1, 0.9]),
         pruned=torch.tensor([], dtype=torch.long),
         zero_in_base=torch.tensor([False, False]),
         grow=Candidates(torch.tensor([6, 7]), torch.tensor([1.0, 3.0])),
@@ -143,7 +143,7 @@ def test_full_reselection_keeps_the_values_of_reselected_entries():
 def test_dropping_a_reactivated_weight_restores_the_most_important_pruned_one():
     result = evolve(
         indices=torch.tensor([0, 5]),  # position 0 is zero in W0 (re-activated earlier): P holds 6 and... 7
-        values=torch.tensor([0.01, 0.9]),
+        drop_keys=torch.tensor([0.01, 0.9]),
         pruned=torch.tensor([6]),
         zero_in_base=torch.tensor([True, False]),
         grow=Candidates(torch.tensor([4]), torch.tensor([1.0])),
@@ -161,7 +161,7 @@ def test_growth_is_limited_by_what_can_be_pruned():
     # Nothing frozen can be pruned, so no inactive position may be grown; the active candidate is taken.
     result = evolve(
         indices=torch.tensor([3]),
-        values=torch.tensor([0.0]),
+        drop_keys=torch.tensor([0.0]),
         pruned=torch.tensor([], dtype=torch.long),
         zero_in_base=torch.tensor([False]),
         grow=Candidates(torch.tensor([0, 1]), torch.tensor([9.0, 1.0])),
@@ -278,3 +278,16 @@ def test_reactivating_pruned_weights_beats_frozen_topology():
             assert merged_nonzeros >= nonzeros - 2  # sparsity unchanged (a trained value may be exactly 0)
     assert losses["reactivate"] < 0.3 * losses["active_only"], losses
     assert losses["reactivate"] < 0.3 * losses["static"], losses
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "gradient"])
+def test_drop_criterion_decides_which_entries_leave(criterion):
+    torch.manual_seed(1)
+    layer = SEFTLinear(torch.nn.Linear(16, 16), "default", SEFTConfig(init_weights=False), num_trainable=40)
+    before = layer.seft_values["default"].detach().abs().clone()
+    config = SEFTConfig(drop_criterion=criterion, growth_statistic="consistent")
+    _, changed, window = window_round(layer, 0.25, config, steps=3)
+    assert 0 < int(changed.sum()) <= 10
+    keys = before if criterion == "magnitude" else window.growth("consistent")[0]
+    due = set(keys.argsort()[:10].tolist())  # the 10 smallest keys; the keep rule may re-grow some of them
+    assert set(changed.nonzero().squeeze(1).tolist()) <= due

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import get_peft_model
 
 from peft_seft import SEFTConfig, SEFTLayer
@@ -50,6 +52,23 @@ def test_a_spike_does_not_displace_a_consistent_larger_sum():
     _, grow = window.growth("mean_abs")  # the alternative statistic: noise that cancels leads there
     mean_abs = dict(zip(grow.positions.tolist(), grow.scores.tolist(), strict=True))
     assert mean_abs == pytest.approx({1: 0.4, 2: 0.19, 3: 0.72})
+    _, grow = window.growth("consistent")  # products of different steps: the spike scores 0, the noise below 0
+    consistent = dict(zip(grow.positions.tolist(), grow.scores.tolist(), strict=True))
+    assert consistent == pytest.approx({1: 3.2, 2: 0.0, 3: -3.24})
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 6), st.integers(0, 2**31 - 1))
+def test_consistent_growth_score_is_the_sum_over_pairs_of_different_steps(num_steps, seed):
+    generator = torch.Generator().manual_seed(seed)
+    steps = [torch.randn(3, 5, generator=generator, dtype=torch.float64).float() for _ in range(num_steps)]
+    window = GradientWindow(torch.tensor([0]), num_grow=14, num_prune=0, grow_pruned=True, in_features=5)
+    feed(window, steps, torch.ones(3, 5))
+    trainable_scores, grow = window.growth("consistent")
+    stacked = torch.stack([step.reshape(-1) for step in steps]).double()
+    pairs = sum(stacked[i] * stacked[j] for i in range(num_steps) for j in range(num_steps) if i != j)
+    assert torch.allclose(grow.scores.double(), pairs[grow.positions], atol=1e-4)
+    assert torch.allclose(trainable_scores.double(), pairs[:1], atol=1e-4)
 
 
 def test_candidates_exclude_trainable_and_inactive_positions():

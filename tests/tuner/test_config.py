@@ -33,7 +33,9 @@ def test_every_field_has_help():
         ({"pattern": "2-4"}, "like '2:4'"),
         ({"grow_pruned": "yes"}, "True or False"),
         ({"growth_statistic": "max"}, "abs_sum"),
-        ({"sensitivity_statistic": "sum"}, "mean_abs"),
+        ({"sensitivity_statistic": "consistent"}, "mean_abs"),
+        ({"growth_statistic": "consistent", "selection_steps": 1}, "selection_steps >= 2"),
+        ({"drop_criterion": "age"}, "gradient"),
         ({"candidate_factor": 0.5}, ">= 1"),
     ],
 )
