@@ -117,8 +117,8 @@ class SEFTConfig(PeftConfig):
         metadata={
             "help": "Which trainable entries a round drops: 'magnitude', the smallest |delta| (the paper, SpIEL), or "
             "'gradient', the smallest window growth score (`growth_statistic`), so an entry keeps its slot while its "
-            "gradient is as useful as the candidates'. Under Adam |delta| mostly measures an entry's age, so "
-            "'magnitude' drops the last round's growth first."
+            "gradient is as useful as the candidates' (an entry grown one interval ago has had few steps, so its "
+            "|delta| is small whatever its use)."
         },
     )
     full_reselection_first: bool = field(
