@@ -2,10 +2,10 @@
 
 Positions are flat indices into the layer's logical (out, in) weight. A round:
 
-1. drop the ``d`` trainable entries with the smallest |delta| (or smallest window growth score, the "gradient" drop
-   criterion); a dropped entry whose own growth score ranks among
-   the ``d`` best of the dropped entries and the growth candidates is re-grown at once: it keeps its slot and value
-   (as in SpIEL), and the round changes one position fewer;
+1. drop the ``d`` trainable entries with the smallest |delta| (or the smallest window growth score, the "gradient"
+   drop criterion); a dropped entry whose own growth score ranks among the ``d`` best of the dropped entries and the
+   growth candidates is re-grown at once: it keeps its slot and value (as in SpIEL), and the round changes one
+   position fewer;
 2. grow candidates (not trainable now) with the largest window score into the dropped slots;
 3. keep the layer's structurally active count at N: with ``v`` grown positions that were inactive (zero in
    W0 or pruned by SEFT) and ``u`` dropped positions that were zero in W0, prune ``v - u`` frozen active
@@ -64,9 +64,9 @@ def drop_order(
     """Slots in the order they are dropped, and how many are dropped.
 
     The ``num_drop`` entries with the smallest ``drop_keys`` (K: |delta|, or a window score) are due; those whose
-    growth score (``trainable_scores``, K)
-    ranks among the ``num_drop`` best of theirs and the ``candidate_scores`` of the eligible growth candidates are
-    re-grown at once and move to the end of the order (ties favour keeping). ``trainable_scores=None`` keeps none.
+    growth score (``trainable_scores``, K) ranks among the ``num_drop`` best of theirs and the ``candidate_scores`` of
+    the eligible growth candidates are re-grown at once and move to the end of the order (ties favour keeping).
+    ``trainable_scores=None`` keeps none.
     """
     order = torch.argsort(drop_keys.detach(), stable=True)
     if trainable_scores is None or num_drop <= 0:
