@@ -210,6 +210,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-masked-lora", type=float, default=1e-2, help="best of the sweep")
     p.add_argument("--lr-shira", type=float, default=3e-3, help="not swept: SEFT's rate")
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="linear warm-up, then linear decay to 0")
+    p.add_argument(
+        "--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (the Trainer's default); 0: off"
+    )
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity (0: all)")
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--eval-batch-size", type=int, default=4)
@@ -416,7 +419,8 @@ def run_child(spec_path: Path) -> None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, spec["steps"], spec["warmup_fraction"])
         )
-        step_s, frozen_s, losses, windows, peak_kib = [], [], [], [], 0
+        step_s, frozen_s, losses, grad_norms, windows, peak_kib = [], [], [], [], [], 0
+        max_norm = spec.get("max_grad_norm", 1.0) or math.inf
         seft_layers = [m for m in model.modules() if hasattr(m, "seft_values")]
         for step, ids in enumerate(batches):
             start = time.perf_counter()
@@ -424,7 +428,7 @@ def run_child(spec_path: Path) -> None:
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             windows.append(any(getattr(m, "_windows", None) for m in seft_layers))  # SEFT collected dense gradients
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
             optimizer.step()
             scheduler.step()
             step_s.append(time.perf_counter() - start)
@@ -438,7 +442,7 @@ def run_child(spec_path: Path) -> None:
                 reset_peak_rss()
         peak_kib = max(peak_kib, proc_status_kib("VmHWM"))
         result["peak_rss_growth_mib"] = (peak_kib - rss_before) / 1024 if peak_ok else None
-        result.update(step_s=step_s, frozen_s=frozen_s, losses=losses, window_steps=windows)
+        result.update(step_s=step_s, frozen_s=frozen_s, losses=losses, grad_norms=grad_norms, window_steps=windows)
         evolution = getattr(getattr(model, "base_model", None), "evolution", None)
         if evolution is not None:
             result["seft_rounds"] = [report.as_log() | {"step": report.step} for report in evolution.reports]
@@ -572,6 +576,7 @@ def base_spec(args: argparse.Namespace, setting: str, data_path: Path, info: dic
         "seed": args.seed,
         "threads": args.threads,
         "warmup_fraction": args.warmup_fraction,
+        "max_grad_norm": args.max_grad_norm,
         "eval_seq_len": args.eval_seq_len,
         "eval_batch_size": args.eval_batch_size,
         "frozen_every": args.frozen_every,
