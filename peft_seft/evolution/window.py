@@ -9,14 +9,19 @@ gradient G (formed one layer at a time inside backward and freed right after), a
 
 - the K trainable positions T (their gradient is the value gradient, computed on every step anyway);
 - growth candidates: the ``num_grow`` positions outside T with the largest |G| (only currently active positions
-  when ``grow_pruned`` is False);
+  when ``grow_pruned`` is False), or the largest |G_ij| / ||x_j|| with ``normalize_growth``;
 - prune candidates (sensitivity criterion only): the ``num_prune`` frozen active positions (non-zero, not in T) with
   the smallest |W * G|;
 - the positions of P (SEFT's pruned positions), whose restore scores need their gradient.
 
 On every later micro-batch the gradient is computed at the tracked positions only, with the same sampled product
-as the value gradient. Per-input-column sums of squared inputs are kept for the Wanda criterion. Nothing
-weight-sized survives a backward.
+as the value gradient. Per-input-column sums of squared inputs are kept for the Wanda criterion and for
+``normalize_growth``. Nothing weight-sized survives a backward.
+
+``normalize_growth`` divides growth scores by the RMS of each position's input feature x_j: the gradient in the
+coordinates W_ij * ||x_j|| that Wanda prunes in. Adam moves every trainable weight by about the learning rate, which
+moves the output by that times ||x_j||, so ranking by raw |g| favours weights on a few large-activation inputs, the
+ones whose steps overshoot.
 """
 
 from __future__ import annotations
@@ -44,10 +49,12 @@ class GradientWindow:
         num_prune: int,
         grow_pruned: bool,
         in_features: int,
+        normalize_growth: bool = False,
     ) -> None:
         device = trainable.device
         self.trainable = trainable.long().clone()
         self.num_grow, self.num_prune, self.grow_pruned = num_grow, num_prune, grow_pruned
+        self.normalize_growth = normalize_growth  # a setting of the adapter: not saved with the window
         self.candidates = torch.empty(0, dtype=torch.long, device=device)
         self.is_grow = torch.empty(0, dtype=torch.bool, device=device)
         self.is_prune = torch.empty(0, dtype=torch.bool, device=device)
@@ -67,14 +74,22 @@ class GradientWindow:
 
     # ---- gathering ---------------------------------------------------------------------------------------
 
-    def select(self, grad: torch.Tensor, weight: torch.Tensor, pruned: torch.Tensor) -> None:
+    def select(
+        self, grad: torch.Tensor, weight: torch.Tensor, pruned: torch.Tensor, column_sq: torch.Tensor | None = None
+    ) -> None:
         """Choose the candidates from the first micro-batch's dense gradient ``grad`` (out, in) fp32, with the
-        effective weight ``weight`` (out, in) and the positions ``pruned`` of P."""
+        effective weight ``weight`` (out, in) and the positions ``pruned`` of P. ``column_sq`` (in,): that
+        micro-batch's sums of squared inputs per column, needed with ``normalize_growth``."""
         flat_grad, flat_weight = grad.reshape(-1), weight.reshape(-1)
         # Keys are ranked largest first; positions that may not be chosen get the key EXCLUDED, added arithmetically
         # (exact for the others: they add 0) because masked_fill_ and where are several times slower on CPU.
         exclusion = (flat_weight == 0).float().mul_(EXCLUDED)
-        keys = flat_grad.abs()
+        if self.normalize_growth:
+            if column_sq is None:
+                raise ValueError("normalize_growth needs the micro-batch's squared inputs per column (column_sq)")
+            keys = grad.abs().div_(column_norms(column_sq)).reshape(-1)
+        else:
+            keys = flat_grad.abs()
         if not self.grow_pruned:
             keys.add_(exclusion)
         keys[self.trainable] = EXCLUDED
@@ -166,6 +181,11 @@ class GradientWindow:
     def growth(self, kind: str) -> tuple[torch.Tensor, Candidates]:
         """Growth scores of T (K,) and of the growth candidates."""
         score = self._statistic(kind)
+        if self.normalize_growth:
+            in_features = self.column_sq_sums.numel()
+            columns = torch.cat([self.trainable, self.candidates]) % in_features
+            # the 'consistent' statistic is in units of g^2: divide by ||x||^2 to rank as |g| / ||x|| would
+            score = score / column_norms(self.column_sq_sums)[columns].pow(2 if kind == "consistent" else 1)
         k = self.trainable.numel()
         return score[:k], Candidates(self.candidates[self.is_grow], score[k:][self.is_grow])
 
@@ -243,6 +263,12 @@ class GradientWindow:
         for name in ("weight_abs", "column_sq_sums", *cls._SUMS):
             setattr(window, name, state[name].to(device=device, dtype=torch.float32))
         return window
+
+
+def column_norms(column_sq: torch.Tensor) -> torch.Tensor:
+    """||x_j|| from sums of squared inputs, kept above zero: a column that never saw an input has a zero gradient,
+    which stays zero."""
+    return column_sq.sqrt().clamp_min(torch.finfo(column_sq.dtype).tiny)
 
 
 def _top(keys: torch.Tensor, count: int) -> torch.Tensor:

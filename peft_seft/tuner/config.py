@@ -15,6 +15,7 @@ DROP_SCHEDULES = ("cosine", "linear")
 PRUNE_CRITERIA = ("sensitivity", "magnitude", "wanda")
 WINDOW_STATISTICS = ("abs_sum", "mean_abs")
 GROWTH_STATISTICS = (*WINDOW_STATISTICS, "consistent")
+GROWTH_NORMALIZATIONS = ("none", "input")
 GROWN_OPTIMIZER_STATES = ("zero", "warmup", "seed")
 
 
@@ -153,6 +154,15 @@ class SEFTConfig(PeftConfig):
             "selection_steps >= 2)."
         },
     )
+    growth_normalization: Literal["none", "input"] = field(
+        default="none",
+        metadata={
+            "help": "'input' divides each position's growth score by the RMS of its input feature over the window "
+            "(|g_ij| / ||x_j||, the gradient in the coordinates Wanda prunes in). Adam moves a weight by about the "
+            "learning rate whatever its input's scale, so the output moves by that times ||x_j||: raw |g| favours "
+            "weights on a few large-activation inputs, whose steps overshoot at higher learning rates. 'none': raw."
+        },
+    )
     sensitivity_statistic: Literal["abs_sum", "mean_abs"] = field(
         default="abs_sum",
         metadata={
@@ -229,7 +239,11 @@ class SEFTConfig(PeftConfig):
             fail("drop_criterion", f"allowed values are {DROP_CRITERIA}")
         if self.prune_criterion not in PRUNE_CRITERIA:
             fail("prune_criterion", f"allowed values are {PRUNE_CRITERIA}")
-        for name, allowed in (("growth_statistic", GROWTH_STATISTICS), ("sensitivity_statistic", WINDOW_STATISTICS)):
+        for name, allowed in (
+            ("growth_statistic", GROWTH_STATISTICS),
+            ("growth_normalization", GROWTH_NORMALIZATIONS),
+            ("sensitivity_statistic", WINDOW_STATISTICS),
+        ):
             if getattr(self, name) not in allowed:
                 fail(name, f"allowed values are {allowed}")
         if self.growth_statistic == "consistent" and self.selection_steps < 2:

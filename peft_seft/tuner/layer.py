@@ -297,10 +297,12 @@ class SEFTLayer(BaseTunerLayer):
             values[known] = self._original_values[slot[known]].to(values)
         return values
 
-    def open_window(self, adapter_name: str, num_grow: int, num_prune: int, grow_pruned: bool) -> None:
+    def open_window(
+        self, adapter_name: str, num_grow: int, num_prune: int, grow_pruned: bool, normalize_growth: bool = False
+    ) -> None:
         """Start gathering gradient statistics for the next round of this adapter (see window.py)."""
         self._windows[adapter_name] = GradientWindow(
-            self.seft_indices[adapter_name], num_grow, num_prune, grow_pruned, self.in_features
+            self.seft_indices[adapter_name], num_grow, num_prune, grow_pruned, self.in_features, normalize_growth
         )
         self._window_patterns.pop(adapter_name, None)
 
@@ -346,13 +348,19 @@ class SEFTLayer(BaseTunerLayer):
                 # DDP and FSDP average; the window's own sums stay local until the step ends (end_window_step).
                 if dense is None:
                     dense = all_reduce_(grad_out.T.float() @ inputs.float()) / torch.distributed.get_world_size()
-                window.select(dense, logical_weight(self.get_base_layer()).detach(), self.pruned_positions(name))
+                column_sq = all_reduce_(inputs.float().pow(2).sum(0)) if window.normalize_growth else None
+                window.select(
+                    dense, logical_weight(self.get_base_layer()).detach(), self.pruned_positions(name), column_sq
+                )
                 pattern = SamplePattern.from_flat(window.candidates, (self.out_features, self.in_features))
                 candidate_grad = sampled_gradient(grad_out, inputs, pattern)
             elif not window.selected:
                 if dense is None:
                     dense = grad_out.T.float() @ inputs.float()
-                window.select(dense, logical_weight(self.get_base_layer()).detach(), self.pruned_positions(name))
+                column_sq = inputs.float().pow(2).sum(0) if window.normalize_growth else None
+                window.select(
+                    dense, logical_weight(self.get_base_layer()).detach(), self.pruned_positions(name), column_sq
+                )
                 candidate_grad = dense.reshape(-1)[window.candidates]
             elif gradient.numel() == k + window.candidates.numel():
                 candidate_grad = gradient[k:]

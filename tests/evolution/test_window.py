@@ -15,14 +15,19 @@ from peft_seft.evolution.window import GradientWindow
 from peft_seft.testing import VOCAB, tiny_llama
 
 
-def feed(window: GradientWindow, steps: list[torch.Tensor], weight: torch.Tensor) -> None:
+def feed(
+    window: GradientWindow, steps: list[torch.Tensor], weight: torch.Tensor, inputs: list[torch.Tensor] | None = None
+) -> None:
     """Run a window over optimizer steps whose dense gradients (out, in) are given (one micro-batch each), reading
-    them only where the layer would: everywhere on the first micro-batch, at T and the candidates afterwards."""
+    them only where the layer would: everywhere on the first micro-batch, at T and the candidates afterwards.
+    ``inputs``: each micro-batch's layer inputs (N, in)."""
     for number, grad in enumerate(steps):
+        x = None if inputs is None else inputs[number]
         if number == 0:
-            window.select(grad, weight, torch.empty(0, dtype=torch.long))
+            column_sq = None if x is None else x.pow(2).sum(0)
+            window.select(grad, weight, torch.empty(0, dtype=torch.long), column_sq)
         flat = grad.reshape(-1)
-        window.add_micro_batch(flat[window.trainable], flat[window.candidates])
+        window.add_micro_batch(flat[window.trainable], flat[window.candidates], x)
         window.end_step(None)
 
 
@@ -69,6 +74,80 @@ def test_consistent_growth_score_is_the_sum_over_pairs_of_different_steps(num_st
     pairs = sum(stacked[i] * stacked[j] for i in range(num_steps) for j in range(num_steps) if i != j)
     assert torch.allclose(grow.scores.double(), pairs[grow.positions], atol=1e-4)
     assert torch.allclose(trainable_scores.double(), pairs[:1], atol=1e-4)
+
+
+def test_input_normalized_growth_ranks_the_gradient_per_unit_of_input():
+    # Column 1 sees inputs of RMS 10 and reads |g| 5 at every step, column 2 inputs of RMS 1 and |g| 1: raw |g| grows
+    # column 1 (where an Adam step of size lr moves the output 10x as far), per unit of input column 2 leads.
+    grad, weight = torch.tensor([[0.0, 5.0, 1.0]]), torch.ones(1, 3)
+    inputs = torch.tensor([[0.0, 10.0, 1.0]])  # one token per micro-batch: ||x_j|| = 10 and 1
+    chosen = {}
+    for normalize in (False, True):
+        window = GradientWindow(
+            torch.tensor([0]), num_grow=1, num_prune=0, grow_pruned=True, in_features=3, normalize_growth=normalize
+        )
+        feed(window, [grad] * 3, weight, [inputs] * 3)
+        _, grow = window.growth("abs_sum")
+        chosen[normalize] = grow.positions.tolist()
+        if normalize:  # |sum g| / sqrt(sum of squared inputs over the window): 3 / sqrt(3) (column 1: 15 / sqrt(300))
+            assert grow.scores.tolist() == pytest.approx([3**0.5])
+    assert chosen == {False: [1], True: [2]}
+    with pytest.raises(ValueError, match="column_sq"):
+        window.select(grad, weight, torch.empty(0, dtype=torch.long))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["abs_sum", "mean_abs", "consistent"]), st.integers(2, 5), st.integers(0, 2**31 - 1))
+def test_input_normalized_growth_scores_match_a_dense_reference(kind, num_steps, seed):
+    generator = torch.Generator().manual_seed(seed)
+    steps = [torch.randn(3, 5, generator=generator) for _ in range(num_steps)]
+    inputs = [torch.randn(4, 5, generator=generator) * torch.tensor([0.1, 1.0, 3.0, 10.0, 0.5]) for _ in steps]
+    window = GradientWindow(
+        torch.tensor([0]), num_grow=14, num_prune=0, grow_pruned=True, in_features=5, normalize_growth=True
+    )
+    feed(window, steps, torch.ones(3, 5), inputs)
+    stacked = torch.stack([step.reshape(-1) for step in steps]).double()
+    column_norms = torch.stack(inputs).double().pow(2).sum((0, 1)).sqrt().repeat(3)  # flat position -> its column
+    raw = {
+        "abs_sum": stacked.sum(0).abs() / column_norms,
+        "mean_abs": stacked.abs().mean(0) / column_norms,
+        "consistent": (stacked.sum(0).pow(2) - stacked.pow(2).sum(0)) / column_norms.pow(2),
+    }[kind]
+    trainable_scores, grow = window.growth(kind)
+    torch.testing.assert_close(grow.scores.double(), raw[grow.positions], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(trainable_scores.double(), raw[:1], rtol=1e-4, atol=1e-6)
+
+
+def test_layers_choose_growth_candidates_by_gradient_per_unit_of_input():
+    config = SEFTConfig(
+        density=0.05,
+        update_interval=4,
+        selection_steps=3,
+        total_steps=100,
+        init_weights=False,
+        growth_normalization="input",
+    )
+    model = get_peft_model(tiny_llama(sparsity=0.5), config)
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, SEFTLayer)}
+    reference = {name: layer.effective_weight().detach().clone().requires_grad_(True) for name, layer in layers.items()}
+    inputs = {}
+    for name, layer in layers.items():
+        layer.register_forward_pre_hook(lambda _, args, name=name: inputs.update({name: args[0].detach()}))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    data = torch.Generator().manual_seed(0)
+    for _ in range(2):  # the second step is the window's first: its only micro-batch chooses the candidates
+        ids = torch.randint(0, VOCAB, (2, 10), generator=data)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    dense = dense_step_gradients(model, layers, reference, [ids])
+    for name, layer in layers.items():
+        window = layer._windows["default"]
+        x = inputs[name].reshape(-1, layer.in_features)
+        keys = (dense[name].abs() / x.pow(2).sum(0).sqrt()).reshape(-1)
+        keys[window.trainable] = -1.0
+        expected = keys.topk(window.num_grow).indices.sort().values
+        assert torch.equal(window.candidates[window.is_grow], expected), name
 
 
 def test_candidates_exclude_trainable_and_inactive_positions():

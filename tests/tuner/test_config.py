@@ -33,6 +33,7 @@ def test_every_field_has_help():
         ({"pattern": "2-4"}, "like '2:4'"),
         ({"grow_pruned": "yes"}, "True or False"),
         ({"growth_statistic": "max"}, "abs_sum"),
+        ({"growth_normalization": "output"}, "input"),
         ({"sensitivity_statistic": "consistent"}, "mean_abs"),
         ({"growth_statistic": "consistent", "selection_steps": 1}, "selection_steps >= 2"),
         ({"drop_criterion": "age"}, "gradient"),
