@@ -138,6 +138,16 @@ SEFT_VARIANTS = {
     "seft_input_norm": ({"growth_normalization": "input"}, 1),
     "seft_input_norm_warmup": ({"growth_normalization": "input", "grown_optimizer_state": "warmup"}, 1),
     "seft_input_norm_no_regrow": ({"growth_normalization": "input", "grow_pruned": False}, 1),
+    "seft_input_norm_reselect_then_static": (  # the same re-selection, per unit of input
+        {
+            "growth_statistic": "consistent",
+            "growth_normalization": "input",
+            "grown_optimizer_state": "warmup",
+            "full_reselection_first": True,
+            "initial_drop_rate": 0.001,
+        },
+        1,
+    ),
     "seft_seeded": ({"grown_optimizer_state": "seed"}, 1),
     "seft_warmup": ({"grown_optimizer_state": "warmup"}, 1),
     "seft_no_regrow_warmup": ({"grow_pruned": False, "grown_optimizer_state": "warmup"}, 1),
