@@ -6,7 +6,9 @@ One training micro-batch of ``compare_methods.py`` (its pruned checkpoint and da
 the pruned model; for every target layer, the d positions a first round would grow (d = 0.2 x the layer's share of
 LoRA-r4's trainable count, the benchmark's first drop rate) chosen by |G| and by |G| / ||x_j|| (what
 ``growth_normalization="input"`` ranks by). The report gives how often each choice lands on the layer's top 1 % of
-input columns by RMS, and the mean input RMS of the chosen positions over the layer's mean.
+input columns by RMS, the mean input RMS of the chosen positions over the layer's mean, and the share of the layer's
+rows (outputs) that hold at least one of them; also for |G| / (||x_j|| ||e_i||) (e_i: the output's gradient) and
+for d random positions.
 """
 
 from __future__ import annotations
@@ -40,29 +42,49 @@ def main() -> None:
         if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in compare_methods.PROJECTIONS
     }
     model.requires_grad_(False)
-    column_sq = {}
+    column_sq, row_sq = {}, {}
     for name, layer in layers.items():
         layer.weight.requires_grad_(True)
         layer.register_forward_pre_hook(
             lambda _, inputs, name=name: column_sq.update({name: inputs[0].detach().flatten(0, -2).pow(2).sum(0)})
         )
+        layer.register_full_backward_hook(
+            lambda _, grad_in, grad_out, name=name: row_sq.update({name: grad_out[0].flatten(0, -2).pow(2).sum(0)})
+        )
     model(input_ids=ids, labels=ids).loss.backward()
     total = sum(layer.weight.numel() for layer in layers.values())
     budget = compare_methods.lora_count(model, 4)
-    rows = {"|G|": ([], []), "|G| / ||x_j||": ([], [])}
+    generator = torch.Generator().manual_seed(0)
+    rankings = ("|G|", "|G| / ||x_j||", "|G| / (||x_j|| ||e_i||)", "random")
+    rows = {label: ([], [], []) for label in rankings}
     for name, layer in layers.items():
-        grad, norms = layer.weight.grad, column_sq[name].sqrt()
+        grad, norms = layer.weight.grad, column_sq[name].sqrt().clamp_min(1e-12)
+        row_norms = row_sq[name].sqrt().clamp_min(1e-12)  # e_i: the gradient at output i
         d = max(1, round(args.drop_rate * budget * grad.numel() / total))
         top_columns = norms >= norms.quantile(0.99)
-        for label, keys in (("|G|", grad.abs()), ("|G| / ||x_j||", grad.abs() / norms.clamp_min(1e-12))):
-            columns = keys.reshape(-1).topk(d).indices % grad.shape[1]
+        keys = {
+            "|G|": grad.abs(),
+            "|G| / ||x_j||": grad.abs() / norms,
+            "|G| / (||x_j|| ||e_i||)": grad.abs() / norms / row_norms[:, None],
+            "random": torch.rand(grad.shape, generator=generator),
+        }
+        for label in rankings:
+            chosen = keys[label].reshape(-1).topk(d).indices
+            columns = chosen % grad.shape[1]
             rows[label][0].append(float(top_columns[columns].float().mean()))
             rows[label][1].append(float(norms[columns].mean() / norms.mean()))
+            rows[label][2].append(chosen.div(grad.shape[1], rounding_mode="floor").unique().numel() / grad.shape[0])
     print(f"{len(layers)} layers, one micro-batch of {ids.numel()} tokens, d = {args.drop_rate} x the trainable count")
-    print("| growth by | chosen positions on the top 1 % of input columns (mean of layers) | their input RMS / mean |")
-    print("|---|---:|---:|")
-    for label, (shares, ratios) in rows.items():
-        print(f"| {label} | {statistics.fmean(shares):.0%} | {statistics.fmean(ratios):.1f}x |")
+    print(
+        "| growth by | chosen positions on the top 1 % of input columns (mean of layers) | their input RMS / mean "
+        "| rows (outputs) holding one or more |"
+    )
+    print("|---|---:|---:|---:|")
+    for label, (shares, ratios, covered) in rows.items():
+        print(
+            f"| {label} | {statistics.fmean(shares):.0%} | {statistics.fmean(ratios):.1f}x | "
+            f"{statistics.fmean(covered):.0%} |"
+        )
 
 
 if __name__ == "__main__":
