@@ -4,7 +4,7 @@
         --work-dir /tmp/cm_clip --out /tmp/clip --methods seft_static seft seft_warmup --sweep-lrs 0.02
     python benchmarks/compare_methods.py --sweep --sweep-setting 70% --sweep-steps 64 --selection-steps 10 \
         --max-grad-norm 0 --work-dir /tmp/cm_noclip --out /tmp/noclip --methods seft_static seft --sweep-lrs 0.003 0.02
-    python benchmarks/round_dynamics.py /tmp/clip_sweep.json /tmp/noclip_sweep.json \
+    python benchmarks/round_dynamics.py /tmp/clip_sweep.json /tmp/noclip_sweep.json --plot-lr 0.02 \
         --output benchmarks/results/round_dynamics_70
 
 Every sweep run records the global gradient norm of each step before clipping (``grad_norms``). The report shows, per
@@ -90,16 +90,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("sweeps", nargs="+", type=Path, help="<out>_sweep.json files of compare_methods.py --sweep")
     p.add_argument("--output", type=Path, required=True, help="writes OUTPUT.md and OUTPUT.png")
+    p.add_argument("--plot-lr", type=float, help="plot only the runs at this learning rate (the table has all)")
     args = p.parse_args()
     rows = runs(args.sweeps)
     md, png = args.output.with_suffix(".md"), args.output.with_suffix(".png")
-    plot(rows, png)
+    plot([row for row in rows if args.plot_lr is None or row["lr"] == args.plot_lr], png)
     argvs = [json.loads(path.read_text())["argv"] for path in args.sweeps]
     commands = [" ".join(["python benchmarks/compare_methods.py", *argv]) for argv in argvs]
     lines = [
         "# Gradient norm around evolution rounds (70 % Wanda SmolLM2-135M, 64 steps)",
         "",
-        "Runs: " + ", ".join(f"`{c}`" for c in commands) + f". Plot: `{png.name}`.",
+        "Runs: "
+        + ", ".join(f"`{c}`" for c in commands)
+        + f". Plot: `{png.name}`"
+        + (f" (the runs at lr {args.plot_lr:g})." if args.plot_lr is not None else "."),
         "",
         "The first round runs after step 10 (`update_interval` 10, window of 10 steps); for static runs the columns "
         "split at the same step. Gradient norms are global, over all trainable values, before clipping.",
