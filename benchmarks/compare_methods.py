@@ -138,6 +138,8 @@ SEFT_VARIANTS = {
     "seft_input_norm": ({"growth_normalization": "input"}, 1),
     "seft_input_norm_warmup": ({"growth_normalization": "input", "grown_optimizer_state": "warmup"}, 1),
     "seft_input_norm_no_regrow": ({"growth_normalization": "input", "grow_pruned": False}, 1),
+    "seft_io_norm": ({"growth_normalization": "input_output"}, 1),
+    "seft_io_norm_no_regrow": ({"growth_normalization": "input_output", "grow_pruned": False}, 1),
     "seft_input_norm_reselect_then_static": (  # the same re-selection, per unit of input
         {
             "growth_statistic": "consistent",

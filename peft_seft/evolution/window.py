@@ -9,19 +9,22 @@ gradient G (formed one layer at a time inside backward and freed right after), a
 
 - the K trainable positions T (their gradient is the value gradient, computed on every step anyway);
 - growth candidates: the ``num_grow`` positions outside T with the largest |G| (only currently active positions
-  when ``grow_pruned`` is False), or the largest |G_ij| / ||x_j|| with ``normalize_growth``;
+  when ``grow_pruned`` is False), or the largest normalized |G_ij| (see below);
 - prune candidates (sensitivity criterion only): the ``num_prune`` frozen active positions (non-zero, not in T) with
   the smallest |W * G|;
 - the positions of P (SEFT's pruned positions), whose restore scores need their gradient.
 
 On every later micro-batch the gradient is computed at the tracked positions only, with the same sampled product
-as the value gradient. Per-input-column sums of squared inputs are kept for the Wanda criterion and for
-``normalize_growth``. Nothing weight-sized survives a backward.
+as the value gradient. Per-input-column sums of squared inputs are kept for the Wanda criterion and for growth
+normalization, per-output-row sums of squared output gradients for the latter. Nothing weight-sized survives a
+backward.
 
-``normalize_growth`` divides growth scores by the RMS of each position's input feature x_j: the gradient in the
-coordinates W_ij * ||x_j|| that Wanda prunes in. Adam moves every trainable weight by about the learning rate, which
-moves the output by that times ||x_j||, so ranking by raw |g| favours weights on a few large-activation inputs, the
-ones whose steps overshoot.
+``growth_normalization="input"`` divides growth scores by the RMS of each position's input feature x_j: the gradient
+in the coordinates W_ij * ||x_j|| that Wanda prunes in. Adam moves every trainable weight by about the learning rate,
+which moves the output by that times ||x_j||, so ranking by raw |g| favours weights on a few large-activation inputs,
+the ones whose steps overshoot. ``"input_output"`` divides by ||e_i|| too, the norm of output i's gradient: since
+|g_ij| <= ||e_i|| ||x_j||, the score becomes a correlation in [0, 1] per step, and growth no longer piles into the few
+outputs whose gradient is largest.
 """
 
 from __future__ import annotations
@@ -49,18 +52,20 @@ class GradientWindow:
         num_prune: int,
         grow_pruned: bool,
         in_features: int,
-        normalize_growth: bool = False,
+        out_features: int,
+        growth_normalization: str = "none",
     ) -> None:
         device = trainable.device
         self.trainable = trainable.long().clone()
         self.num_grow, self.num_prune, self.grow_pruned = num_grow, num_prune, grow_pruned
-        self.normalize_growth = normalize_growth  # a setting of the adapter: not saved with the window
+        self.growth_normalization = growth_normalization  # a setting of the adapter: not saved with the window
         self.candidates = torch.empty(0, dtype=torch.long, device=device)
         self.is_grow = torch.empty(0, dtype=torch.bool, device=device)
         self.is_prune = torch.empty(0, dtype=torch.bool, device=device)
         self.weight_abs = torch.empty(0, device=device)  # |W| at the candidates (constant during a window)
         self.selected = False
         self.column_sq_sums = torch.zeros(in_features, device=device)
+        self.row_sq_sums = torch.zeros(out_features, device=device)
         self._allocate()
         self.steps = 0
         self.finite = True
@@ -69,25 +74,31 @@ class GradientWindow:
         size = self.trainable.numel() + self.candidates.numel()
         device = self.trainable.device
         self.step_sum, self.sums, self.abs_sums, self.sq_sums = (torch.zeros(size, device=device) for _ in range(4))
-        self.step_column_sq = None  # this step's squared inputs, kept apart only while ranks must reduce them
+        self.step_column_sq = self.step_row_sq = None  # this step's squares, kept apart while ranks must reduce them
         self.step_micro_batches = 0
 
     # ---- gathering ---------------------------------------------------------------------------------------
 
     def select(
-        self, grad: torch.Tensor, weight: torch.Tensor, pruned: torch.Tensor, column_sq: torch.Tensor | None = None
+        self,
+        grad: torch.Tensor,
+        weight: torch.Tensor,
+        pruned: torch.Tensor,
+        column_sq: torch.Tensor | None = None,
+        row_sq: torch.Tensor | None = None,
     ) -> None:
         """Choose the candidates from the first micro-batch's dense gradient ``grad`` (out, in) fp32, with the
-        effective weight ``weight`` (out, in) and the positions ``pruned`` of P. ``column_sq`` (in,): that
-        micro-batch's sums of squared inputs per column, needed with ``normalize_growth``."""
+        effective weight ``weight`` (out, in) and the positions ``pruned`` of P. ``column_sq`` (in,) and ``row_sq``
+        (out,): that micro-batch's sums of squared inputs per column and of squared output gradients per row, needed
+        by growth normalization."""
         flat_grad, flat_weight = grad.reshape(-1), weight.reshape(-1)
         # Keys are ranked largest first; positions that may not be chosen get the key EXCLUDED, added arithmetically
         # (exact for the others: they add 0) because masked_fill_ and where are several times slower on CPU.
         exclusion = (flat_weight == 0).float().mul_(EXCLUDED)
-        if self.normalize_growth:
-            if column_sq is None:
-                raise ValueError("normalize_growth needs the micro-batch's squared inputs per column (column_sq)")
-            keys = grad.abs().div_(column_norms(column_sq)).reshape(-1)
+        if self.growth_normalization != "none":
+            rows, columns = (torch.arange(size, device=grad.device) for size in grad.shape)
+            divisor = self._growth_divisor(column_sq, row_sq, rows[:, None], columns[None, :])
+            keys = grad.abs().div_(divisor).reshape(-1)
         else:
             keys = flat_grad.abs()
         if not self.grow_pruned:
@@ -108,20 +119,32 @@ class GradientWindow:
         self._allocate()
 
     def add_micro_batch(
-        self, trainable_grad: torch.Tensor, candidate_grad: torch.Tensor, inputs: torch.Tensor | None = None
+        self,
+        trainable_grad: torch.Tensor,
+        candidate_grad: torch.Tensor,
+        inputs: torch.Tensor | None = None,
+        output_grads: torch.Tensor | None = None,
     ) -> None:
-        """One micro-batch: the gradient at T (K,) and at the candidates (C,); ``inputs`` (N, in) for Wanda."""
+        """One micro-batch: the gradient at T (K,) and at the candidates (C,); ``inputs`` (N, in) for Wanda and
+        growth normalization, ``output_grads`` (N, out) for ``growth_normalization="input_output"``."""
         if not (torch.isfinite(trainable_grad).all() and torch.isfinite(candidate_grad).all()):
             self.finite = False
             return
         self.step_sum += torch.cat([trainable_grad.float(), candidate_grad.float()])
         self.step_micro_batches += 1
-        if inputs is not None and is_distributed():
-            if self.step_column_sq is None:
-                self.step_column_sq = torch.zeros_like(self.column_sq_sums)
-            self.step_column_sq += inputs.float().pow(2).sum(0)
-        elif inputs is not None:
-            self.column_sq_sums += inputs.float().pow(2).sum(0)
+        if inputs is not None:
+            self.step_column_sq = _add(self.step_column_sq, inputs.float().pow(2).sum(0))
+        if output_grads is not None and self.growth_normalization == "input_output":
+            self.step_row_sq = _add(self.step_row_sq, output_grads.float().pow(2).sum(0))
+        if not is_distributed():
+            self._fold_squares()
+
+    def _fold_squares(self) -> None:
+        if self.step_column_sq is not None:
+            self.column_sq_sums += self.step_column_sq
+        if self.step_row_sq is not None:
+            self.row_sq_sums += self.step_row_sq
+        self.step_column_sq = self.step_row_sq = None
 
     def end_step(self, optimizer_grad: torch.Tensor | None, reduce: bool = False) -> None:
         """Fold the finished optimizer step into the window sums.
@@ -151,15 +174,17 @@ class GradientWindow:
 
     def _reduce_step(self) -> None:
         dist = torch.distributed
-        columns = self.step_column_sq if self.step_column_sq is not None else torch.zeros_like(self.column_sq_sums)
+        columns = _add(self.step_column_sq, torch.zeros_like(self.column_sq_sums))
+        rows = _add(self.step_row_sq, torch.zeros_like(self.row_sq_sums))
         flags = torch.tensor([float(self.finite), float(self.step_micro_batches > 0)], device=columns.device)
-        packed = torch.cat([self.step_sum, columns, flags])
+        packed = torch.cat([self.step_sum, columns, rows, flags])
         dist.all_reduce(packed)
         world = dist.get_world_size()
-        size = self.step_sum.numel()
-        self.step_sum = packed[:size] / world
-        self.column_sq_sums += packed[size : size + columns.numel()]
-        self.step_column_sq = None
+        self.step_sum, self.step_column_sq, self.step_row_sq, _ = packed.split(
+            [self.step_sum.numel(), columns.numel(), rows.numel(), 2]
+        )
+        self.step_sum = self.step_sum / world
+        self._fold_squares()
         finite, with_batches = packed[-2:].tolist()
         self.finite = finite == world
         self.step_micro_batches = self.step_micro_batches if self.step_micro_batches or not with_batches else 1
@@ -181,13 +206,28 @@ class GradientWindow:
     def growth(self, kind: str) -> tuple[torch.Tensor, Candidates]:
         """Growth scores of T (K,) and of the growth candidates."""
         score = self._statistic(kind)
-        if self.normalize_growth:
+        if self.growth_normalization != "none":
+            positions = torch.cat([self.trainable, self.candidates])
             in_features = self.column_sq_sums.numel()
-            columns = torch.cat([self.trainable, self.candidates]) % in_features
-            # the 'consistent' statistic is in units of g^2: divide by ||x||^2 to rank as |g| / ||x|| would
-            score = score / column_norms(self.column_sq_sums)[columns].pow(2 if kind == "consistent" else 1)
+            rows, columns = positions.div(in_features, rounding_mode="floor"), positions % in_features
+            divisor = self._growth_divisor(self.column_sq_sums, self.row_sq_sums, rows, columns)
+            # the 'consistent' statistic is in units of g^2: divide by the square to rank as |g| / divisor would
+            score = score / divisor.pow(2 if kind == "consistent" else 1)
         k = self.trainable.numel()
         return score[:k], Candidates(self.candidates[self.is_grow], score[k:][self.is_grow])
+
+    def _growth_divisor(
+        self, column_sq: torch.Tensor | None, row_sq: torch.Tensor | None, rows: torch.Tensor, columns: torch.Tensor
+    ) -> torch.Tensor:
+        """||x_j|| (and ||e_i|| with "input_output") at ``rows`` and ``columns``, broadcast together."""
+        if column_sq is None:
+            raise ValueError("growth normalization needs the squared inputs per column (column_sq)")
+        divisor = column_norms(column_sq)[columns]
+        if self.growth_normalization == "input_output":
+            if row_sq is None:
+                raise ValueError("growth_normalization='input_output' needs the squared output gradients (row_sq)")
+            divisor = divisor * column_norms(row_sq)[rows]
+        return divisor
 
     def sensitivity(self, kind: str) -> Candidates:
         """The prune candidates with their sensitivity |W| * statistic (W is frozen there during the window)."""
@@ -212,7 +252,7 @@ class GradientWindow:
 
     # ---- checkpointing: a window open at save time is saved with the adapter and restored on load ----------
 
-    _TENSORS = ("trainable", "candidates", "is_grow", "is_prune", "weight_abs", "column_sq_sums")
+    _TENSORS = ("trainable", "candidates", "is_grow", "is_prune", "weight_abs", "column_sq_sums", "row_sq_sums")
     _SUMS = ("sums", "abs_sums", "sq_sums")  # checkpoints are taken between optimizer steps: step_sum is empty
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -251,24 +291,31 @@ class GradientWindow:
         for name, size in expected.items():
             if state[name].shape != (size,):
                 raise ValueError(f"window entry {name!r} has shape {tuple(state[name].shape)}, expected ({size},)")
-        for name in ("weight_abs", "column_sq_sums", *cls._SUMS):
+        for name in ("weight_abs", "column_sq_sums", "row_sq_sums", *cls._SUMS):
             if not state[name].is_floating_point() or not torch.isfinite(state[name]).all():
                 raise ValueError(f"window entry {name!r} is not a finite floating-point tensor")
-        window = cls(trainable.to(device), num_grow, num_prune, bool(grow_pruned), state["column_sq_sums"].numel())
+        in_features, out_features = state["column_sq_sums"].numel(), state["row_sq_sums"].numel()
+        if in_features * out_features != weight_numel:
+            raise ValueError(f"window entries 'column_sq_sums' and 'row_sq_sums' do not fit a weight of {weight_numel}")
+        window = cls(trainable.to(device), num_grow, num_prune, bool(grow_pruned), in_features, out_features)
         window.steps, window.finite, window.selected = steps, bool(finite), bool(selected)
         window.candidates = candidates.to(device)
         window._allocate()
         for name in ("is_grow", "is_prune"):
             setattr(window, name, state[name].to(device=device, dtype=torch.bool))
-        for name in ("weight_abs", "column_sq_sums", *cls._SUMS):
+        for name in ("weight_abs", "column_sq_sums", "row_sq_sums", *cls._SUMS):
             setattr(window, name, state[name].to(device=device, dtype=torch.float32))
         return window
 
 
 def column_norms(column_sq: torch.Tensor) -> torch.Tensor:
-    """||x_j|| from sums of squared inputs, kept above zero: a column that never saw an input has a zero gradient,
-    which stays zero."""
+    """||x_j|| (or ||e_i||) from sums of squares, kept above zero: a column that never saw an input (a row that
+    never had an output gradient) has a zero gradient, which stays zero."""
     return column_sq.sqrt().clamp_min(torch.finfo(column_sq.dtype).tiny)
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value
 
 
 def _top(keys: torch.Tensor, count: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ DROP_SCHEDULES = ("cosine", "linear")
 PRUNE_CRITERIA = ("sensitivity", "magnitude", "wanda")
 WINDOW_STATISTICS = ("abs_sum", "mean_abs")
 GROWTH_STATISTICS = (*WINDOW_STATISTICS, "consistent")
-GROWTH_NORMALIZATIONS = ("none", "input")
+GROWTH_NORMALIZATIONS = ("none", "input", "input_output")
 GROWN_OPTIMIZER_STATES = ("zero", "warmup", "seed")
 
 
@@ -154,13 +154,15 @@ class SEFTConfig(PeftConfig):
             "selection_steps >= 2)."
         },
     )
-    growth_normalization: Literal["none", "input"] = field(
+    growth_normalization: Literal["none", "input", "input_output"] = field(
         default="none",
         metadata={
             "help": "'input' divides each position's growth score by the RMS of its input feature over the window "
             "(|g_ij| / ||x_j||, the gradient in the coordinates Wanda prunes in). Adam moves a weight by about the "
             "learning rate whatever its input's scale, so the output moves by that times ||x_j||: raw |g| favours "
-            "weights on a few large-activation inputs, whose steps overshoot at higher learning rates. 'none': raw."
+            "weights on a few large-activation inputs, whose steps overshoot at higher learning rates. "
+            "'input_output' also divides by the RMS of the output's gradient (|g_ij| / (||x_j|| ||e_i||), a "
+            "correlation), so growth does not pile into the few outputs with the largest gradient. 'none': raw."
         },
     )
     sensitivity_statistic: Literal["abs_sum", "mean_abs"] = field(

@@ -298,11 +298,17 @@ class SEFTLayer(BaseTunerLayer):
         return values
 
     def open_window(
-        self, adapter_name: str, num_grow: int, num_prune: int, grow_pruned: bool, normalize_growth: bool = False
+        self, adapter_name: str, num_grow: int, num_prune: int, grow_pruned: bool, growth_normalization: str = "none"
     ) -> None:
         """Start gathering gradient statistics for the next round of this adapter (see window.py)."""
         self._windows[adapter_name] = GradientWindow(
-            self.seft_indices[adapter_name], num_grow, num_prune, grow_pruned, self.in_features, normalize_growth
+            self.seft_indices[adapter_name],
+            num_grow,
+            num_prune,
+            grow_pruned,
+            self.in_features,
+            self.out_features,
+            growth_normalization,
         )
         self._window_patterns.pop(adapter_name, None)
 
@@ -348,26 +354,24 @@ class SEFTLayer(BaseTunerLayer):
                 # DDP and FSDP average; the window's own sums stay local until the step ends (end_window_step).
                 if dense is None:
                     dense = all_reduce_(grad_out.T.float() @ inputs.float()) / torch.distributed.get_world_size()
-                column_sq = all_reduce_(inputs.float().pow(2).sum(0)) if window.normalize_growth else None
-                window.select(
-                    dense, logical_weight(self.get_base_layer()).detach(), self.pruned_positions(name), column_sq
-                )
+                squares = [None if s is None else all_reduce_(s) for s in _squares(window, inputs, grad_out)]
+                weight = logical_weight(self.get_base_layer()).detach()
+                window.select(dense, weight, self.pruned_positions(name), *squares)
                 pattern = SamplePattern.from_flat(window.candidates, (self.out_features, self.in_features))
                 candidate_grad = sampled_gradient(grad_out, inputs, pattern)
             elif not window.selected:
                 if dense is None:
                     dense = grad_out.T.float() @ inputs.float()
-                column_sq = inputs.float().pow(2).sum(0) if window.normalize_growth else None
-                window.select(
-                    dense, logical_weight(self.get_base_layer()).detach(), self.pruned_positions(name), column_sq
-                )
+                squares = _squares(window, inputs, grad_out)
+                weight = logical_weight(self.get_base_layer()).detach()
+                window.select(dense, weight, self.pruned_positions(name), *squares)
                 candidate_grad = dense.reshape(-1)[window.candidates]
             elif gradient.numel() == k + window.candidates.numel():
                 candidate_grad = gradient[k:]
             else:  # this forward ran before the candidates were chosen (several forwards before one backward)
                 pattern = SamplePattern.from_flat(window.candidates, (self.out_features, self.in_features))
                 candidate_grad = sampled_gradient(grad_out, inputs, pattern)
-            window.add_micro_batch(gradient[:k], candidate_grad, inputs)
+            window.add_micro_batch(gradient[:k], candidate_grad, inputs, grad_out)
 
     def end_window_step(self, adapter_name: str) -> None:
         """After an optimizer step: fold that step's gradients into the adapter's window (if one is open)."""
@@ -556,6 +560,17 @@ class SEFTLinear(nn.Module, SEFTLayer):
 
     def __repr__(self) -> str:
         return "seft." + super().__repr__()
+
+
+def _squares(
+    window: GradientWindow, inputs: torch.Tensor, grad_out: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The micro-batch's sums of squared inputs per column and squared output gradients per row, where the window's
+    growth normalization needs them (None otherwise)."""
+    normalization = window.growth_normalization
+    column_sq = inputs.float().pow(2).sum(0) if normalization != "none" else None
+    row_sq = grad_out.float().pow(2).sum(0) if normalization == "input_output" else None
+    return column_sq, row_sq
 
 
 def _weight_of_forward(layer: SEFTLinear, names: list[str], state: tuple, grad_outputs: tuple) -> None:

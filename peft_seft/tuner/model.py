@@ -218,7 +218,7 @@ def restore_windows(model: nn.Module, config: SEFTConfig, adapter_name: str, sta
                 window = GradientWindow.from_state_dict(
                     fields, trainable, numel, module.seft_values[adapter_name].device
                 )
-                window.normalize_growth = config.growth_normalization == "input"
+                window.growth_normalization = config.growth_normalization
             except ValueError as error:
                 raise AdapterValidationError(
                     f"The saved gradient window of SEFT layer {name} (adapter {adapter_name!r}) is invalid: {error}. "

@@ -187,8 +187,7 @@ class Evolution:
                 replaced = drop_count(values.numel(), rate)
                 num_grow = math.ceil(config.candidate_factor * replaced)
                 num_prune = num_grow if config.prune_criterion == "sensitivity" else 0
-                normalize = config.growth_normalization == "input"
-                layer.open_window(adapter_name, num_grow, num_prune, config.grow_pruned, normalize)
+                layer.open_window(adapter_name, num_grow, num_prune, config.grow_pruned, config.growth_normalization)
 
     def _run_round(self, name: str, layers: list[SEFTLayer], step: int, optimizer: torch.optim.Optimizer) -> None:
         if not self.round_due(name, step):

@@ -16,18 +16,23 @@ from peft_seft.testing import VOCAB, tiny_llama
 
 
 def feed(
-    window: GradientWindow, steps: list[torch.Tensor], weight: torch.Tensor, inputs: list[torch.Tensor] | None = None
+    window: GradientWindow,
+    steps: list[torch.Tensor],
+    weight: torch.Tensor,
+    inputs: list[torch.Tensor] | None = None,
+    output_grads: list[torch.Tensor] | None = None,
 ) -> None:
     """Run a window over optimizer steps whose dense gradients (out, in) are given (one micro-batch each), reading
     them only where the layer would: everywhere on the first micro-batch, at T and the candidates afterwards.
-    ``inputs``: each micro-batch's layer inputs (N, in)."""
+    ``inputs`` and ``output_grads``: each micro-batch's layer inputs (N, in) and output gradients (N, out)."""
     for number, grad in enumerate(steps):
         x = None if inputs is None else inputs[number]
+        e = None if output_grads is None else output_grads[number]
         if number == 0:
-            column_sq = None if x is None else x.pow(2).sum(0)
-            window.select(grad, weight, torch.empty(0, dtype=torch.long), column_sq)
+            squares = [None if t is None else t.pow(2).sum(0) for t in (x, e)]
+            window.select(grad, weight, torch.empty(0, dtype=torch.long), *squares)
         flat = grad.reshape(-1)
-        window.add_micro_batch(flat[window.trainable], flat[window.candidates], x)
+        window.add_micro_batch(flat[window.trainable], flat[window.candidates], x, e)
         window.end_step(None)
 
 
@@ -37,7 +42,7 @@ def test_pruning_ranks_by_the_whole_window_not_one_reading():
     weight = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
     for readings in ([1.0, 1.0, 0.01], [0.01, 1.0, 1.0]):
         steps = [torch.tensor([[5.0, r, 0.05, 3.0]]) for r in readings]
-        window = GradientWindow(torch.tensor([0]), num_grow=0, num_prune=2, grow_pruned=True, in_features=4)
+        window = GradientWindow(torch.tensor([0]), 0, 2, grow_pruned=True, in_features=4, out_features=1)
         feed(window, steps, weight)
         prune = window.sensitivity("abs_sum")
         assert prune.positions[prune.scores.argmin()] == 2, readings
@@ -49,7 +54,7 @@ def test_a_spike_does_not_displace_a_consistent_larger_sum():
     weight = torch.ones(1, 4)
     readings = [(0.4, 0.95, 0.9), (0.4, 0.0, -0.9), (0.4, 0.0, 0.9), (0.4, 0.0, -0.9), (0.4, 0.0, 0.0)]
     steps = [torch.tensor([[0.0, a, b, c]]) for a, b, c in readings]
-    window = GradientWindow(torch.tensor([0]), num_grow=3, num_prune=0, grow_pruned=True, in_features=4)
+    window = GradientWindow(torch.tensor([0]), num_grow=3, num_prune=0, grow_pruned=True, in_features=4, out_features=1)
     feed(window, steps, weight)
     _, grow = window.growth("abs_sum")
     ranked = grow.positions[grow.scores.argsort(descending=True)].tolist()
@@ -67,7 +72,7 @@ def test_a_spike_does_not_displace_a_consistent_larger_sum():
 def test_consistent_growth_score_is_the_sum_over_pairs_of_different_steps(num_steps, seed):
     generator = torch.Generator().manual_seed(seed)
     steps = [torch.randn(3, 5, generator=generator, dtype=torch.float64).float() for _ in range(num_steps)]
-    window = GradientWindow(torch.tensor([0]), num_grow=14, num_prune=0, grow_pruned=True, in_features=5)
+    window = GradientWindow(torch.tensor([0]), 14, 0, grow_pruned=True, in_features=5, out_features=3)
     feed(window, steps, torch.ones(3, 5))
     trainable_scores, grow = window.growth("consistent")
     stacked = torch.stack([step.reshape(-1) for step in steps]).double()
@@ -76,63 +81,96 @@ def test_consistent_growth_score_is_the_sum_over_pairs_of_different_steps(num_st
     assert torch.allclose(trainable_scores.double(), pairs[:1], atol=1e-4)
 
 
+def test_output_normalized_growth_spreads_over_outputs():
+    # Row 0's output gradient has RMS 10, row 1's RMS 1; per unit of input, row 0 reads |g| 4 and 3, row 1 reads 0.9:
+    # normalized by input only, both grown positions sit in row 0. Per unit of output gradient too, row 1's 0.9 (a
+    # correlation of 0.9) beats row 0's 0.3 at its second position.
+    grad, weight = torch.tensor([[0.0, 4.0, 3.0], [0.0, 0.0, 0.9]]), torch.ones(2, 3)
+    inputs, output_grads = torch.ones(1, 3), torch.tensor([[10.0, 1.0]])
+    chosen = {}
+    for normalization in ("input", "input_output"):
+        window = GradientWindow(
+            torch.tensor([0]), 2, 0, grow_pruned=True, in_features=3, out_features=2, growth_normalization=normalization
+        )
+        feed(window, [grad] * 2, weight, [inputs] * 2, [output_grads] * 2)
+        _, grow = window.growth("abs_sum")
+        chosen[normalization] = grow.positions[grow.scores.argsort(descending=True)][:2].tolist()
+    assert chosen == {"input": [1, 2], "input_output": [5, 1]}
+    with pytest.raises(ValueError, match="row_sq"):
+        window.select(grad, weight, torch.empty(0, dtype=torch.long), torch.ones(3))
+
+
 def test_input_normalized_growth_ranks_the_gradient_per_unit_of_input():
     # Column 1 sees inputs of RMS 10 and reads |g| 5 at every step, column 2 inputs of RMS 1 and |g| 1: raw |g| grows
     # column 1 (where an Adam step of size lr moves the output 10x as far), per unit of input column 2 leads.
     grad, weight = torch.tensor([[0.0, 5.0, 1.0]]), torch.ones(1, 3)
     inputs = torch.tensor([[0.0, 10.0, 1.0]])  # one token per micro-batch: ||x_j|| = 10 and 1
     chosen = {}
-    for normalize in (False, True):
+    for normalization in ("none", "input"):
         window = GradientWindow(
-            torch.tensor([0]), num_grow=1, num_prune=0, grow_pruned=True, in_features=3, normalize_growth=normalize
+            torch.tensor([0]), 1, 0, grow_pruned=True, in_features=3, out_features=1, growth_normalization=normalization
         )
-        feed(window, [grad] * 3, weight, [inputs] * 3)
+        feed(window, [grad] * 3, weight, [inputs] * 3, [torch.ones(1, 1)] * 3)
         _, grow = window.growth("abs_sum")
-        chosen[normalize] = grow.positions.tolist()
-        if normalize:  # |sum g| / sqrt(sum of squared inputs over the window): 3 / sqrt(3) (column 1: 15 / sqrt(300))
+        chosen[normalization] = grow.positions.tolist()
+        if normalization == "input":  # |sum g| / sqrt(sum of squared inputs over the window): 3 / sqrt(3)
             assert grow.scores.tolist() == pytest.approx([3**0.5])
-    assert chosen == {False: [1], True: [2]}
+    assert chosen == {"none": [1], "input": [2]}
     with pytest.raises(ValueError, match="column_sq"):
         window.select(grad, weight, torch.empty(0, dtype=torch.long))
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.sampled_from(["abs_sum", "mean_abs", "consistent"]), st.integers(2, 5), st.integers(0, 2**31 - 1))
-def test_input_normalized_growth_scores_match_a_dense_reference(kind, num_steps, seed):
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from(["abs_sum", "mean_abs", "consistent"]),
+    st.sampled_from(["input", "input_output"]),
+    st.integers(2, 5),
+    st.integers(0, 2**31 - 1),
+)
+def test_normalized_growth_scores_match_a_dense_reference(kind, normalization, num_steps, seed):
     generator = torch.Generator().manual_seed(seed)
     steps = [torch.randn(3, 5, generator=generator) for _ in range(num_steps)]
     inputs = [torch.randn(4, 5, generator=generator) * torch.tensor([0.1, 1.0, 3.0, 10.0, 0.5]) for _ in steps]
+    output_grads = [torch.randn(4, 3, generator=generator) * torch.tensor([5.0, 1.0, 0.2]) for _ in steps]
     window = GradientWindow(
-        torch.tensor([0]), num_grow=14, num_prune=0, grow_pruned=True, in_features=5, normalize_growth=True
+        torch.tensor([0]), 14, 0, grow_pruned=True, in_features=5, out_features=3, growth_normalization=normalization
     )
-    feed(window, steps, torch.ones(3, 5), inputs)
+    feed(window, steps, torch.ones(3, 5), inputs, output_grads)
     stacked = torch.stack([step.reshape(-1) for step in steps]).double()
-    column_norms = torch.stack(inputs).double().pow(2).sum((0, 1)).sqrt().repeat(3)  # flat position -> its column
+    divisor = torch.stack(inputs).double().pow(2).sum((0, 1)).sqrt().repeat(3)  # flat position -> its column
+    if normalization == "input_output":
+        divisor = divisor * torch.stack(output_grads).double().pow(2).sum((0, 1)).sqrt().repeat_interleave(5)
     raw = {
-        "abs_sum": stacked.sum(0).abs() / column_norms,
-        "mean_abs": stacked.abs().mean(0) / column_norms,
-        "consistent": (stacked.sum(0).pow(2) - stacked.pow(2).sum(0)) / column_norms.pow(2),
+        "abs_sum": stacked.sum(0).abs() / divisor,
+        "mean_abs": stacked.abs().mean(0) / divisor,
+        "consistent": (stacked.sum(0).pow(2) - stacked.pow(2).sum(0)) / divisor.pow(2),
     }[kind]
     trainable_scores, grow = window.growth(kind)
     torch.testing.assert_close(grow.scores.double(), raw[grow.positions], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(trainable_scores.double(), raw[:1], rtol=1e-4, atol=1e-6)
 
 
-def test_layers_choose_growth_candidates_by_gradient_per_unit_of_input():
+@pytest.mark.parametrize("normalization", ["input", "input_output"])
+def test_layers_choose_growth_candidates_by_normalized_gradient(normalization):
     config = SEFTConfig(
         density=0.05,
         update_interval=4,
         selection_steps=3,
         total_steps=100,
         init_weights=False,
-        growth_normalization="input",
+        growth_normalization=normalization,
     )
     model = get_peft_model(tiny_llama(sparsity=0.5), config)
     layers = {name: module for name, module in model.named_modules() if isinstance(module, SEFTLayer)}
     reference = {name: layer.effective_weight().detach().clone().requires_grad_(True) for name, layer in layers.items()}
-    inputs = {}
+    inputs, output_grads = {}, {}
+
+    def keep_output_grad(name, output):
+        output.register_hook(lambda grad: output_grads.update({name: grad.detach()}))
+
     for name, layer in layers.items():
         layer.register_forward_pre_hook(lambda _, args, name=name: inputs.update({name: args[0].detach()}))
+        layer.register_forward_hook(lambda _, args, output, name=name: keep_output_grad(name, output))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     data = torch.Generator().manual_seed(0)
     for _ in range(2):  # the second step is the window's first: its only micro-batch chooses the candidates
@@ -144,7 +182,10 @@ def test_layers_choose_growth_candidates_by_gradient_per_unit_of_input():
     for name, layer in layers.items():
         window = layer._windows["default"]
         x = inputs[name].reshape(-1, layer.in_features)
-        keys = (dense[name].abs() / x.pow(2).sum(0).sqrt()).reshape(-1)
+        divisor = x.pow(2).sum(0).sqrt()[None, :]
+        if normalization == "input_output":
+            divisor = divisor * output_grads[name].reshape(-1, layer.out_features).pow(2).sum(0).sqrt()[:, None]
+        keys = (dense[name].abs() / divisor).reshape(-1)
         keys[window.trainable] = -1.0
         expected = keys.topk(window.num_grow).indices.sort().values
         assert torch.equal(window.candidates[window.is_grow], expected), name
@@ -153,20 +194,20 @@ def test_layers_choose_growth_candidates_by_gradient_per_unit_of_input():
 def test_candidates_exclude_trainable_and_inactive_positions():
     weight = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 4.0]])
     grad = torch.tensor([[9.0, 8.0, 1.0], [7.0, 0.5, 0.1]])
-    window = GradientWindow(torch.tensor([0]), num_grow=2, num_prune=2, grow_pruned=False, in_features=3)
+    window = GradientWindow(torch.tensor([0]), 2, 2, grow_pruned=False, in_features=3, out_features=2)
     window.select(grad, weight, torch.tensor([1]))
     grow = window.candidates[window.is_grow].tolist()
     assert grow == [2, 4]  # not trainable 0, not inactive 1 and 3 (grow_pruned=False)
     prune = window.candidates[window.is_prune].tolist()
     assert prune == [4, 5]  # the two smallest |W*G| among frozen active 2, 4, 5: 1.5 and 0.4
     assert 1 in window.candidates.tolist()  # P is tracked for its restore score
-    window = GradientWindow(torch.tensor([0]), num_grow=2, num_prune=0, grow_pruned=True, in_features=3)
+    window = GradientWindow(torch.tensor([0]), num_grow=2, num_prune=0, grow_pruned=True, in_features=3, out_features=2)
     window.select(grad, weight, torch.tensor([1]))
     assert window.candidates[window.is_grow].tolist() == [1, 3]  # 8.0 and 7.0: pruned positions may grow
 
 
 def test_non_finite_gradients_poison_the_window():
-    window = GradientWindow(torch.tensor([0]), num_grow=1, num_prune=1, grow_pruned=True, in_features=2)
+    window = GradientWindow(torch.tensor([0]), num_grow=1, num_prune=1, grow_pruned=True, in_features=2, out_features=2)
     feed(window, [torch.tensor([[float("nan"), 1.0], [1.0, 1.0]])], torch.ones(2, 2))
     assert not window.finite and window.steps == 0
 
@@ -230,7 +271,7 @@ def dense_step_gradients(model, layers, reference, batches) -> dict[str, torch.T
 
 def test_window_checkpoint_entries_round_trip_and_tampering_is_refused():
     trainable = torch.tensor([0, 5])
-    window = GradientWindow(trainable, num_grow=2, num_prune=2, grow_pruned=True, in_features=4)
+    window = GradientWindow(trainable, num_grow=2, num_prune=2, grow_pruned=True, in_features=4, out_features=2)
     feed(window, [torch.randn(2, 4) for _ in range(3)], torch.randn(2, 4))
     state = window.state_dict()
     copy = GradientWindow.from_state_dict(state, trainable, 8, torch.device("cpu"))
