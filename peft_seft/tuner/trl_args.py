@@ -1,66 +1,56 @@
 """SEFT options for TRL's script flow: :class:`SEFTArguments` is a dataclass ``TrlParser``/``HfArgumentParser``
-accept (plain or ``Optional`` field types only; ``SEFTConfig`` itself has union-typed fields they refuse), and
-:func:`get_seft_config` turns it into a ``SEFTConfig``, as TRL's ``get_peft_config`` does for LoRA. See
+accept (plain, ``Optional`` or ``Literal`` field types only; ``SEFTConfig`` itself has union-typed fields they
+refuse), and :func:`get_seft_config` turns it into a ``SEFTConfig``, as TRL's ``get_peft_config`` does for LoRA. Each
+``seft_<name>`` option takes its default and help from the ``SEFTConfig`` field ``<name>``. See
 ``examples/sft_seft.py``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal
 
 from .config import SEFTConfig
+
+_CONFIG_FIELDS = {config_field.name: config_field for config_field in fields(SEFTConfig)}
+
+
+def _mirror(name: str, help: str | None = None) -> Any:
+    """A field for ``seft_<name>`` with the default and help of ``SEFTConfig.<name>`` (``help`` replaces the
+    latter where the command line reads differently)."""
+    config_field = _CONFIG_FIELDS[name]
+    if config_field.default is MISSING:
+        raise TypeError(f"SEFTConfig.{name} has no plain default to mirror")
+    return field(default=config_field.default, metadata={"help": help or config_field.metadata["help"]})
 
 
 @dataclass
 class SEFTArguments:
     """SEFT adapter and publishing options for a TRL training script (all prefixed ``seft_``)."""
 
-    seft_density: float = field(
-        default=0.01, metadata={"help": "Fraction of each target weight that is trainable (values per layer)."}
+    seft_density: float = _mirror("density")
+    seft_num_trainable: int | None = _mirror("num_trainable")
+    seft_target_modules: list[str] | None = _mirror(
+        "target_modules",
+        help="Module names or suffixes to adapt, or 'all-linear' (default: every linear projection inside the "
+        "transformer blocks).",
     )
-    seft_num_trainable: int | None = field(
-        default=None, metadata={"help": "Total trainable values over all target layers; overrides seft_density."}
-    )
-    seft_target_modules: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Module names or suffixes to adapt, or 'all-linear' (default: every linear projection inside "
-            "the transformer blocks)."
-        },
-    )
-    seft_exclude_modules: list[str] | None = field(
-        default=None, metadata={"help": "Module names or suffixes never to adapt."}
-    )
-    seft_update_interval: int = field(default=20, metadata={"help": "Optimizer steps between evolution rounds."})
-    seft_selection_steps: int = field(
-        default=5, metadata={"help": "Steps before each round whose gradients choose growth and pruning."}
-    )
-    seft_initial_drop_rate: float = field(
-        default=0.2, metadata={"help": "Fraction of positions replaced in the first round; 0 turns evolution off."}
-    )
-    seft_drop_schedule: str = field(default="cosine", metadata={"help": "Drop rate decay: 'cosine' or 'linear'."})
-    seft_full_reselection_first: bool = field(
-        default=False, metadata={"help": "The first round re-selects all positions (SpIEL)."}
-    )
-    seft_grow_pruned: bool = field(
-        default=True, metadata={"help": "Allow growth into pruned positions (re-activation)."}
-    )
-    seft_prune_criterion: str = field(
-        default="sensitivity",
-        metadata={"help": "Which frozen weights pay for re-activated ones: 'sensitivity', 'magnitude' or 'wanda'."},
-    )
-    seft_grown_optimizer_state: str = field(
-        default="zero",
-        metadata={"help": "Optimizer state of grown entries: 'zero', 'warmup' or 'seed' (Adam moments, window)."},
-    )
-    seft_total_steps: int | None = field(
-        default=None, metadata={"help": "Step at which evolution stops (default: the Trainer's max steps)."}
-    )
-    seft_pattern: str | None = field(
-        default=None, metadata={"help": "N:M pattern of the base to keep, e.g. '2:4' (default: unstructured)."}
-    )
-    seft_random_seed: int | None = field(
-        default=None, metadata={"help": "Seed for the initial positions (default: torch's global generator)."}
-    )
+    seft_exclude_modules: list[str] | None = _mirror("exclude_modules", help="Module names or suffixes never to adapt.")
+    seft_update_interval: int = _mirror("update_interval")
+    seft_selection_steps: int = _mirror("selection_steps")
+    seft_initial_drop_rate: float = _mirror("initial_drop_rate")
+    seft_drop_schedule: Literal["cosine", "linear"] = _mirror("drop_schedule")
+    seft_drop_criterion: Literal["magnitude", "gradient"] = _mirror("drop_criterion")
+    seft_full_reselection_first: bool = _mirror("full_reselection_first")
+    seft_grow_pruned: bool | None = _mirror("grow_pruned")
+    seft_prune_criterion: Literal["sensitivity", "magnitude", "wanda"] = _mirror("prune_criterion")
+    seft_growth_statistic: Literal["abs_sum", "mean_abs", "consistent"] = _mirror("growth_statistic")
+    seft_growth_normalization: Literal["none", "input", "input_output"] = _mirror("growth_normalization")
+    seft_sensitivity_statistic: Literal["abs_sum", "mean_abs"] = _mirror("sensitivity_statistic")
+    seft_candidate_factor: float = _mirror("candidate_factor")
+    seft_grown_optimizer_state: Literal["zero", "warmup", "seed"] = _mirror("grown_optimizer_state")
+    seft_total_steps: int | None = _mirror("total_steps")
+    seft_pattern: str | None = _mirror("pattern")
+    seft_random_seed: int | None = _mirror("random_seed")
     seft_base_repo: str | None = field(
         default=None,
         metadata={
@@ -75,22 +65,11 @@ class SEFTArguments:
 
 def get_seft_config(args: SEFTArguments, task_type: str = "CAUSAL_LM") -> SEFTConfig:
     """The ``SEFTConfig`` the arguments describe."""
-    target = args.seft_target_modules
-    return SEFTConfig(
-        task_type=task_type,
-        density=args.seft_density,
-        num_trainable=args.seft_num_trainable,
-        target_modules=target[0] if target == ["all-linear"] else target,
-        exclude_modules=args.seft_exclude_modules,
-        update_interval=args.seft_update_interval,
-        selection_steps=args.seft_selection_steps,
-        initial_drop_rate=args.seft_initial_drop_rate,
-        drop_schedule=args.seft_drop_schedule,
-        full_reselection_first=args.seft_full_reselection_first,
-        grow_pruned=args.seft_grow_pruned,
-        prune_criterion=args.seft_prune_criterion,
-        grown_optimizer_state=args.seft_grown_optimizer_state,
-        total_steps=args.seft_total_steps,
-        pattern=args.seft_pattern,
-        random_seed=args.seft_random_seed,
-    )
+    options = {
+        name: getattr(args, argument.name)
+        for argument in fields(args)
+        if (name := argument.name.removeprefix("seft_")) in _CONFIG_FIELDS
+    }
+    if options["target_modules"] == ["all-linear"]:
+        options["target_modules"] = "all-linear"
+    return SEFTConfig(task_type=task_type, **options)

@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from peft_seft import SEFTConfig
 from peft_seft.export.hub_standin import HubStandIn
 from peft_seft.pruning import prune, sparsity_report
 from peft_seft.testing import save_tiny_llama, write_chats
@@ -62,10 +63,24 @@ def test_seft_arguments_parse_with_trl_parser():
         "q_proj",
         "v_proj",
     ]
-    *_, seft_args = parser.parse_args_and_config(args=[*argv, "--seft_pattern", "2:4", "--seft_grow_pruned", "False"])
+    *_, seft_args = parser.parse_args_and_config(args=[*argv, "--seft_pattern", "2:4"])
     config = get_seft_config(seft_args)
     assert config.density == 0.05 and set(config.target_modules) == {"q_proj", "v_proj"}
+    # N:M keeps its topology unless re-activation is asked for, as SEFTConfig does
     assert config.pattern == "2:4" and config.grow_pruned is False and config.task_type == "CAUSAL_LM"
+    window_options = ["--seft_growth_statistic", "consistent", "--seft_growth_normalization", "input_output"]
+    window_options += ["--seft_drop_criterion", "gradient", "--seft_candidate_factor", "2"]
+    window_options += ["--seft_grow_pruned", "true"]
+    *_, seft_args = parser.parse_args_and_config(args=[*argv, "--seft_pattern", "2:4", *window_options])
+    config = get_seft_config(seft_args)
+    assert (config.growth_statistic, config.growth_normalization) == ("consistent", "input_output")
+    assert (config.drop_criterion, config.candidate_factor, config.grow_pruned) == ("gradient", 2.0, True)
+    with pytest.raises(SystemExit):  # a value SEFTConfig would refuse is refused by the parser, with the choices
+        parser.parse_args_and_config(args=[*argv, "--seft_growth_normalization", "output"])
+
+
+def test_seft_argument_defaults_are_seft_config_defaults():
+    assert get_seft_config(SEFTArguments()).to_dict() == SEFTConfig(task_type="CAUSAL_LM").to_dict()
 
 
 @pytest.mark.parametrize("kind", ["conversational", "prompt-completion"])
