@@ -156,7 +156,8 @@ class GradientWindow:
 
         ``reduce`` (under torch.distributed, every rank calls it at the same step): the step's sums become those of the
         global batch first: the mean of the ranks' gradients (DDP and FSDP average them), the sum of their squared
-        inputs, and the step is non-finite on every rank when it was on one."""
+        inputs and output gradients (of the global mean loss), and the step is non-finite on every rank when it was
+        on one."""
         if reduce:
             self._reduce_step()
         if not self.step_micro_batches:
@@ -183,7 +184,8 @@ class GradientWindow:
         self.step_sum, self.step_column_sq, self.step_row_sq, _ = packed.split(
             [self.step_sum.numel(), columns.numel(), rows.numel(), 2]
         )
-        self.step_sum = self.step_sum / world
+        # each rank's output gradients are those of its own mean loss: world times those of the global mean loss
+        self.step_sum, self.step_row_sq = self.step_sum / world, self.step_row_sq / world**2
         self._fold_squares()
         finite, with_batches = packed[-2:].tolist()
         self.finite = finite == world

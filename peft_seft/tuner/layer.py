@@ -352,9 +352,11 @@ class SEFTLayer(BaseTunerLayer):
             if not window.selected and is_distributed():
                 # Candidates of the global micro-batch: the mean of the ranks' gradients (each of a mean loss), as
                 # DDP and FSDP average; the window's own sums stay local until the step ends (end_window_step).
+                world = torch.distributed.get_world_size()
                 if dense is None:
-                    dense = all_reduce_(grad_out.T.float() @ inputs.float()) / torch.distributed.get_world_size()
-                squares = [None if s is None else all_reduce_(s) for s in _squares(window, inputs, grad_out)]
+                    dense = all_reduce_(grad_out.T.float() @ inputs.float()) / world
+                column_sq, row_sq = (None if s is None else all_reduce_(s) for s in _squares(window, inputs, grad_out))
+                squares = column_sq, None if row_sq is None else row_sq / world**2  # output grads of the global mean
                 weight = logical_weight(self.get_base_layer()).detach()
                 window.select(dense, weight, self.pruned_positions(name), *squares)
                 pattern = SamplePattern.from_flat(window.candidates, (self.out_features, self.in_features))

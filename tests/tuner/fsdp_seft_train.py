@@ -33,9 +33,10 @@ RESUME_AT = 6  # inside the window of the round at step 8 (steps 6-8)
 
 
 # The seeded variant: Adam moments of grown slots seeded from the window, Wanda re-pruning (squared inputs summed over
-# ranks, the whole weight gathered for the round), and gradient clipping (the window's sums rescaled by the factor);
-# the FSDP2 run also uses activation checkpointing (the reference does not).
-SEEDED = {"grown_optimizer_state": "seed", "prune_criterion": "wanda"}
+# ranks, the whole weight gathered for the round), growth per unit of input and output gradient (both squares reduced
+# over ranks), and gradient clipping (the window's sums rescaled by the factor); the FSDP2 run also uses activation
+# checkpointing (the reference does not).
+SEEDED = {"grown_optimizer_state": "seed", "prune_criterion": "wanda", "growth_normalization": "input_output"}
 CLIP = 0.05
 
 
