@@ -140,6 +140,7 @@ SEFT_VARIANTS = {
     "seft_input_norm_no_regrow": ({"growth_normalization": "input", "grow_pruned": False}, 1),
     "seft_io_norm": ({"growth_normalization": "input_output"}, 1),
     "seft_io_norm_no_regrow": ({"growth_normalization": "input_output", "grow_pruned": False}, 1),
+    "seft_io_norm_wanda": ({"growth_normalization": "input_output", "prune_criterion": "wanda"}, 1),
     "seft_input_norm_reselect_then_static": (  # the same re-selection, per unit of input
         {
             "growth_statistic": "consistent",
