@@ -61,29 +61,6 @@ UNSTRUCTURED_METHODS = [
     "shira",
 ]
 NM_METHODS = ["pruned", "seft", "seft_nm_reactivate", "seft_static", "lora", "masked_lora", "shira"]
-EXTRA_METHODS = [  # only run when named in --methods
-    "seft_reselect",
-    "seft_4x",
-    "seft_8x",
-    "seft_8x_warmup",
-    "seft_16x",
-    "seft_seeded",
-    "seft_warmup",
-    "seft_no_regrow_warmup",
-    "seft_drop05",
-    "seft_warmup_drop05",
-    "seft_consistent_warmup",
-    "seft_gdrop_warmup",
-    "seft_consistent_gdrop_warmup",
-    "seft_consistent_gdrop",
-    "seft_consistent_gdrop_warmup_no_regrow",
-    "seft_consistent_gdrop_warmup_drop10",
-    "seft_reselect_then_static",
-    "seft_no_regrow_seeded",
-    "seft_magnitude_seeded",
-    "seft_sensitivity_mean_abs_seeded",
-    "seft_nm_reactivate_seeded",
-]
 # SEFT variants: SEFTConfig overrides, and the trainable count as a multiple of LoRA's (seft_4x, seft_8x, seft_16x: the
 # equal-memory view, SEFT given more values for the memory masked LoRA takes). The *_seeded variants seed Adam's
 # moments of grown entries (grown_optimizer_state="seed", the default while part of the 2026-11-30 runs were made);
@@ -169,6 +146,7 @@ SEFT_VARIANTS = {
     "seft_sensitivity_mean_abs_seeded": ({"sensitivity_statistic": "mean_abs", "grown_optimizer_state": "seed"}, 1),
     "seft_nm_reactivate_seeded": ({"grow_pruned": True, "grown_optimizer_state": "seed"}, 1),
 }
+EXTRA_METHODS = [m for m in SEFT_VARIANTS if m not in UNSTRUCTURED_METHODS + NM_METHODS]  # run when named
 LABELS = {
     "dense": "dense (unpruned reference)",
     "pruned": "no repair (Wanda-pruned)",
@@ -224,7 +202,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny random Llama instead of SmolLM2 (end-to-end check)")
     p.add_argument("--settings", nargs="+", default=["50%", "70%"], choices=list(SETTINGS))
-    p.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all of each setting)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=list(dict.fromkeys(UNSTRUCTURED_METHODS + NM_METHODS + EXTRA_METHODS)),
+        help="subset of methods (default: all of each setting; the other SEFT variants run only when named)",
+        metavar="METHOD",
+    )
     p.add_argument("--steps", type=int, default=64, help="optimizer steps per method")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128, help="training sequence length")
@@ -686,6 +671,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
         pairs += [
             (setting, m) for m in methods + EXTRA_METHODS if (m in args.methods if args.methods else m in methods)
         ]
+    if not pairs:
+        raise SystemExit(f"nothing to run: none of {args.methods} runs in the settings {args.settings}")
     return pairs
 
 
