@@ -138,6 +138,17 @@ SEFT_VARIANTS = {
         },
         1,
     ),
+    "seft_io_norm_reselect_then_static_no_regrow": (  # the same, without re-activation (and so no re-pruning)
+        {
+            "growth_statistic": "consistent",
+            "growth_normalization": "input_output",
+            "grown_optimizer_state": "warmup",
+            "full_reselection_first": True,
+            "initial_drop_rate": 0.001,
+            "grow_pruned": False,
+        },
+        1,
+    ),
     "seft_seeded": ({"grown_optimizer_state": "seed"}, 1),
     "seft_warmup": ({"grown_optimizer_state": "warmup"}, 1),
     "seft_no_regrow_warmup": ({"grow_pruned": False, "grown_optimizer_state": "warmup"}, 1),
