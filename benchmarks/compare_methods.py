@@ -187,6 +187,17 @@ LABELS = {
     "seft_magnitude_seeded": "SEFT prune_criterion=magnitude, seeded Adam moments",
     "seft_sensitivity_mean_abs_seeded": "SEFT sensitivity mean |W g|, seeded Adam moments",
     "seft_nm_reactivate_seeded": "SEFT in-group re-activation, seeded Adam moments",
+    "seft_input_norm": "SEFT, growth per unit of input",
+    "seft_input_norm_warmup": "SEFT, growth per unit of input, warm-up of grown entries",
+    "seft_input_norm_no_regrow": "SEFT, growth per unit of input, grow_pruned=False",
+    "seft_input_norm_reselect_then_static": "SEFT, one re-selection per unit of input, then static",
+    "seft_io_norm": "SEFT, growth per unit of input and output gradient",
+    "seft_io_norm_no_regrow": "SEFT, growth per unit of input and output gradient, grow_pruned=False",
+    "seft_io_norm_wanda": "SEFT, growth per unit of input and output gradient, Wanda re-pruning",
+    "seft_io_norm_reselect_then_static": "SEFT, one re-selection per unit of input and output gradient, then static",
+    "seft_io_norm_reselect_then_static_no_regrow": (
+        "SEFT, one re-selection per unit of input and output gradient, grow_pruned=False, then static"
+    ),
     "lora": "LoRA (dense delta)",
     "masked_lora": "masked LoRA (SQFT-style)",
     "shira": "SHiRA (PEFT, random sparse delta)",
@@ -197,6 +208,8 @@ NM_LABELS = {
     "seft_nm_reactivate": "SEFT 2:4 in-group re-activation (our extension)",
     "seft_nm_reactivate_seeded": "SEFT 2:4 in-group re-activation (our extension), seeded Adam moments",
 }
+_unlabelled = set(UNSTRUCTURED_METHODS + NM_METHODS + EXTRA_METHODS) - set(LABELS)
+assert not _unlabelled, f"methods without a label: {sorted(_unlabelled)}"
 # Masked LoRA and SHiRA are not swept by default (time): they share the parametrization of LoRA and of SEFT.
 SWEEP_GRID = {
     "seft": [1e-3, 3e-3, 1e-2],
