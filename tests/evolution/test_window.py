@@ -271,11 +271,15 @@ def dense_step_gradients(model, layers, reference, batches) -> dict[str, torch.T
 
 def test_window_checkpoint_entries_round_trip_and_tampering_is_refused():
     trainable = torch.tensor([0, 5])
-    window = GradientWindow(trainable, num_grow=2, num_prune=2, grow_pruned=True, in_features=4, out_features=2)
-    feed(window, [torch.randn(2, 4) for _ in range(3)], torch.randn(2, 4))
+    window = GradientWindow(
+        trainable, 2, 2, grow_pruned=True, in_features=4, out_features=2, growth_normalization="input_output"
+    )
+    steps = [torch.randn(2, 4) for _ in range(3)]
+    feed(window, steps, torch.randn(2, 4), [torch.randn(5, 4) for _ in steps], [torch.randn(5, 2) for _ in steps])
     state = window.state_dict()
     copy = GradientWindow.from_state_dict(state, trainable, 8, torch.device("cpu"))
-    for name in ("candidates", "is_grow", "is_prune", "sums", "abs_sums", "sq_sums", "weight_abs"):
+    names = ("candidates", "is_grow", "is_prune", "sums", "abs_sums", "sq_sums", "weight_abs")
+    for name in (*names, "column_sq_sums", "row_sq_sums"):
         assert torch.equal(getattr(copy, name), getattr(window, name)), name
     assert copy.steps == 3 and copy.selected
 
@@ -289,6 +293,7 @@ def test_window_checkpoint_entries_round_trip_and_tampering_is_refused():
         "non-finite sums": tampered(sq_sums=torch.full_like(state["sq_sums"], float("inf"))),
         "huge counts": tampered(meta=torch.tensor([3, 1, 1, 1, 10**12, 2])),
         "other trainable": tampered(trainable=torch.tensor([1, 5])),
+        "rows that do not fit the weight": tampered(row_sq_sums=torch.ones(3)),
     }
     for entries in bad.values():
         with pytest.raises(ValueError):
