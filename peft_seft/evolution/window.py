@@ -22,9 +22,9 @@ backward.
 ``growth_normalization="input"`` divides growth scores by the RMS of each position's input feature x_j: the gradient
 in the coordinates W_ij * ||x_j|| that Wanda prunes in. Adam moves every trainable weight by about the learning rate,
 which moves the output by that times ||x_j||, so ranking by raw |g| favours weights on a few large-activation inputs,
-the ones whose steps overshoot. ``"input_output"`` divides by ||e_i|| too, the norm of output i's gradient: since
-|g_ij| <= ||e_i|| ||x_j||, the score becomes a correlation in [0, 1] per step, and growth no longer piles into the few
-outputs whose gradient is largest.
+the ones whose steps overshoot. ``"input_output"`` divides by ||e_i|| too, the norm of output i's gradient over the
+tokens: on one micro-batch the score is then the cosine between e_i and x_j (|g_ij| <= ||e_i|| ||x_j||), and growth
+no longer piles into the few outputs whose gradient is largest.
 """
 
 from __future__ import annotations
