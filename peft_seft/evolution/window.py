@@ -122,20 +122,21 @@ class GradientWindow:
         self,
         trainable_grad: torch.Tensor,
         candidate_grad: torch.Tensor,
-        inputs: torch.Tensor | None = None,
-        output_grads: torch.Tensor | None = None,
+        column_sq: torch.Tensor | None = None,
+        row_sq: torch.Tensor | None = None,
     ) -> None:
-        """One micro-batch: the gradient at T (K,) and at the candidates (C,); ``inputs`` (N, in) for Wanda and
-        growth normalization, ``output_grads`` (N, out) for ``growth_normalization="input_output"``."""
+        """One micro-batch: the gradient at T (K,) and at the candidates (C,); its sums of squared inputs per
+        column ``column_sq`` (in,) for Wanda and growth normalization, and of squared output gradients per row
+        ``row_sq`` (out,) for ``growth_normalization="input_output"``."""
         if not (torch.isfinite(trainable_grad).all() and torch.isfinite(candidate_grad).all()):
             self.finite = False
             return
         self.step_sum += torch.cat([trainable_grad.float(), candidate_grad.float()])
         self.step_micro_batches += 1
-        if inputs is not None:
-            self.step_column_sq = _add(self.step_column_sq, inputs.float().pow(2).sum(0))
-        if output_grads is not None and self.growth_normalization == "input_output":
-            self.step_row_sq = _add(self.step_row_sq, output_grads.float().pow(2).sum(0))
+        if column_sq is not None:
+            self.step_column_sq = _add(self.step_column_sq, column_sq)
+        if row_sq is not None:
+            self.step_row_sq = _add(self.step_row_sq, row_sq)
         if not is_distributed():
             self._fold_squares()
 

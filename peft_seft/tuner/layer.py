@@ -343,28 +343,33 @@ class SEFTLayer(BaseTunerLayer):
         gradient of each adapter of the forward (at T, then at the window's candidates once chosen). The dense
         weight gradient is formed only on a window's first micro-batch, to choose its candidates, and is freed when
         this returns."""
-        dense = None
+        dense = column_sq = row_sq = None  # each computed once per micro-batch, for every adapter that needs it
         for name, gradient in zip(adapter_names, sampled, strict=True):
             window = self._windows.get(name)
             if window is None or gradient is None:
                 continue
             k = window.trainable.numel()
+            if column_sq is None:  # for the Wanda criterion and growth normalization
+                column_sq = inputs.float().pow(2).sum(0)
+            if row_sq is None and window.growth_normalization == "input_output":
+                row_sq = grad_out.float().pow(2).sum(0)
+            squares = column_sq, row_sq if window.growth_normalization == "input_output" else None
             if not window.selected and is_distributed():
                 # Candidates of the global micro-batch: the mean of the ranks' gradients (each of a mean loss), as
                 # DDP and FSDP average; the window's own sums stay local until the step ends (end_window_step).
                 world = torch.distributed.get_world_size()
                 if dense is None:
                     dense = all_reduce_(grad_out.T.float() @ inputs.float()) / world
-                column_sq, row_sq = (None if s is None else all_reduce_(s) for s in _squares(window, inputs, grad_out))
-                squares = column_sq, None if row_sq is None else row_sq / world**2  # output grads of the global mean
+                global_columns, global_rows = (None if s is None else all_reduce_(s.clone()) for s in squares)
+                if global_rows is not None:
+                    global_rows /= world**2  # output gradients of the global mean loss
                 weight = logical_weight(self.get_base_layer()).detach()
-                window.select(dense, weight, self.pruned_positions(name), *squares)
+                window.select(dense, weight, self.pruned_positions(name), global_columns, global_rows)
                 pattern = SamplePattern.from_flat(window.candidates, (self.out_features, self.in_features))
                 candidate_grad = sampled_gradient(grad_out, inputs, pattern)
             elif not window.selected:
                 if dense is None:
                     dense = grad_out.T.float() @ inputs.float()
-                squares = _squares(window, inputs, grad_out)
                 weight = logical_weight(self.get_base_layer()).detach()
                 window.select(dense, weight, self.pruned_positions(name), *squares)
                 candidate_grad = dense.reshape(-1)[window.candidates]
@@ -373,7 +378,7 @@ class SEFTLayer(BaseTunerLayer):
             else:  # this forward ran before the candidates were chosen (several forwards before one backward)
                 pattern = SamplePattern.from_flat(window.candidates, (self.out_features, self.in_features))
                 candidate_grad = sampled_gradient(grad_out, inputs, pattern)
-            window.add_micro_batch(gradient[:k], candidate_grad, inputs, grad_out)
+            window.add_micro_batch(gradient[:k], candidate_grad, *squares)
 
     def end_window_step(self, adapter_name: str) -> None:
         """After an optimizer step: fold that step's gradients into the adapter's window (if one is open)."""
@@ -562,17 +567,6 @@ class SEFTLinear(nn.Module, SEFTLayer):
 
     def __repr__(self) -> str:
         return "seft." + super().__repr__()
-
-
-def _squares(
-    window: GradientWindow, inputs: torch.Tensor, grad_out: torch.Tensor
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The micro-batch's sums of squared inputs per column and squared output gradients per row, where the window's
-    growth normalization needs them (None otherwise)."""
-    normalization = window.growth_normalization
-    column_sq = inputs.float().pow(2).sum(0) if normalization != "none" else None
-    row_sq = grad_out.float().pow(2).sum(0) if normalization == "input_output" else None
-    return column_sq, row_sq
 
 
 def _weight_of_forward(layer: SEFTLinear, names: list[str], state: tuple, grad_outputs: tuple) -> None:

@@ -28,11 +28,11 @@ def feed(
     for number, grad in enumerate(steps):
         x = None if inputs is None else inputs[number]
         e = None if output_grads is None else output_grads[number]
+        squares = [None if t is None else t.pow(2).sum(0) for t in (x, e)]
         if number == 0:
-            squares = [None if t is None else t.pow(2).sum(0) for t in (x, e)]
             window.select(grad, weight, torch.empty(0, dtype=torch.long), *squares)
         flat = grad.reshape(-1)
-        window.add_micro_batch(flat[window.trainable], flat[window.candidates], x, e)
+        window.add_micro_batch(flat[window.trainable], flat[window.candidates], *squares)
         window.end_step(None)
 
 
