@@ -65,6 +65,13 @@ NM_METHODS = ["pruned", "seft", "seft_nm_reactivate", "seft_static", "lora", "ma
 # equal-memory view, SEFT given more values for the memory masked LoRA takes). The *_seeded variants seed Adam's
 # moments of grown entries (grown_optimizer_state="seed", the default while part of the 2026-11-30 runs were made);
 # the *_warmup variants seed only the second moment.
+# One full re-selection of the positions by the window after the first interval, then (almost) no evolution.
+RESELECT_THEN_STATIC = {
+    "growth_statistic": "consistent",
+    "grown_optimizer_state": "warmup",
+    "full_reselection_first": True,
+    "initial_drop_rate": 0.001,
+}
 SEFT_VARIANTS = {
     "seft": ({}, 1),
     "seft_static": ({"initial_drop_rate": 0.0}, 1),
@@ -93,15 +100,7 @@ SEFT_VARIANTS = {
         },
         1,
     ),
-    "seft_reselect_then_static": (  # gradient-chosen positions, then (almost) no evolution
-        {
-            "growth_statistic": "consistent",
-            "grown_optimizer_state": "warmup",
-            "full_reselection_first": True,
-            "initial_drop_rate": 0.001,
-        },
-        1,
-    ),
+    "seft_reselect_then_static": (RESELECT_THEN_STATIC, 1),
     "seft_consistent_gdrop_warmup_drop10": (
         {
             "growth_statistic": "consistent",
@@ -118,35 +117,10 @@ SEFT_VARIANTS = {
     "seft_io_norm": ({"growth_normalization": "input_output"}, 1),
     "seft_io_norm_no_regrow": ({"growth_normalization": "input_output", "grow_pruned": False}, 1),
     "seft_io_norm_wanda": ({"growth_normalization": "input_output", "prune_criterion": "wanda"}, 1),
-    "seft_input_norm_reselect_then_static": (  # the same re-selection, per unit of input
-        {
-            "growth_statistic": "consistent",
-            "growth_normalization": "input",
-            "grown_optimizer_state": "warmup",
-            "full_reselection_first": True,
-            "initial_drop_rate": 0.001,
-        },
-        1,
-    ),
-    "seft_io_norm_reselect_then_static": (  # the same re-selection, per unit of input and of output gradient
-        {
-            "growth_statistic": "consistent",
-            "growth_normalization": "input_output",
-            "grown_optimizer_state": "warmup",
-            "full_reselection_first": True,
-            "initial_drop_rate": 0.001,
-        },
-        1,
-    ),
-    "seft_io_norm_reselect_then_static_no_regrow": (  # the same, without re-activation (and so no re-pruning)
-        {
-            "growth_statistic": "consistent",
-            "growth_normalization": "input_output",
-            "grown_optimizer_state": "warmup",
-            "full_reselection_first": True,
-            "initial_drop_rate": 0.001,
-            "grow_pruned": False,
-        },
+    "seft_input_norm_reselect_then_static": ({**RESELECT_THEN_STATIC, "growth_normalization": "input"}, 1),
+    "seft_io_norm_reselect_then_static": ({**RESELECT_THEN_STATIC, "growth_normalization": "input_output"}, 1),
+    "seft_io_norm_reselect_then_static_no_regrow": (  # without re-activation, and so without re-pruning
+        {**RESELECT_THEN_STATIC, "growth_normalization": "input_output", "grow_pruned": False},
         1,
     ),
     "seft_seeded": ({"grown_optimizer_state": "seed"}, 1),
@@ -158,6 +132,7 @@ SEFT_VARIANTS = {
     "seft_nm_reactivate_seeded": ({"grow_pruned": True, "grown_optimizer_state": "seed"}, 1),
 }
 EXTRA_METHODS = [m for m in SEFT_VARIANTS if m not in UNSTRUCTURED_METHODS + NM_METHODS]  # run when named
+ALL_METHODS = list(dict.fromkeys(UNSTRUCTURED_METHODS + NM_METHODS + EXTRA_METHODS))
 LABELS = {
     "dense": "dense (unpruned reference)",
     "pruned": "no repair (Wanda-pruned)",
@@ -208,7 +183,7 @@ NM_LABELS = {
     "seft_nm_reactivate": "SEFT 2:4 in-group re-activation (our extension)",
     "seft_nm_reactivate_seeded": "SEFT 2:4 in-group re-activation (our extension), seeded Adam moments",
 }
-_unlabelled = set(UNSTRUCTURED_METHODS + NM_METHODS + EXTRA_METHODS) - set(LABELS)
+_unlabelled = set(ALL_METHODS) - set(LABELS)
 assert not _unlabelled, f"methods without a label: {sorted(_unlabelled)}"
 # Masked LoRA and SHiRA are not swept by default (time): they share the parametrization of LoRA and of SEFT.
 SWEEP_GRID = {
@@ -230,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--methods",
         nargs="+",
         default=None,
-        choices=list(dict.fromkeys(UNSTRUCTURED_METHODS + NM_METHODS + EXTRA_METHODS)),
+        choices=ALL_METHODS,
         help="subset of methods (default: all of each setting; the other SEFT variants run only when named)",
         metavar="METHOD",
     )
@@ -726,8 +701,7 @@ def write_report(args, argv, info, results, started, log, previous=None) -> None
         sweep_json.write_text(json.dumps({"argv": argv, "info": info, "results": rows}, indent=1))
         return write_sweep(args, argv, info, rows, started)
     previous = previous or {"runs": [], "results": [], "info": {}}
-    methods = list(dict.fromkeys(UNSTRUCTURED_METHODS + NM_METHODS + EXTRA_METHODS))
-    order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in SETTINGS for m in methods)}
+    order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in SETTINGS for m in ALL_METHODS)}
     rows = sorted(previous["results"] + rows, key=lambda r: order.get((r["setting"], r["method"]), len(order)))
     info = previous["info"] | info
     command = shlex.join(["python", "benchmarks/compare_methods.py", *argv])
