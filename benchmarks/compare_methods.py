@@ -72,6 +72,7 @@ RESELECT_THEN_STATIC = {
     "full_reselection_first": True,
     "initial_drop_rate": 0.001,
 }
+IO_NO_REGROW = {"growth_normalization": "input_output", "grow_pruned": False}  # the best evolving configuration
 SEFT_VARIANTS = {
     "seft": ({}, 1),
     "seft_static": ({"initial_drop_rate": 0.0}, 1),
@@ -115,12 +116,15 @@ SEFT_VARIANTS = {
     "seft_input_norm_warmup": ({"growth_normalization": "input", "grown_optimizer_state": "warmup"}, 1),
     "seft_input_norm_no_regrow": ({"growth_normalization": "input", "grow_pruned": False}, 1),
     "seft_io_norm": ({"growth_normalization": "input_output"}, 1),
-    "seft_io_norm_no_regrow": ({"growth_normalization": "input_output", "grow_pruned": False}, 1),
+    "seft_io_norm_no_regrow": (IO_NO_REGROW, 1),
+    "seft_io_norm_no_regrow_seeded": ({**IO_NO_REGROW, "grown_optimizer_state": "seed"}, 1),
+    "seft_io_norm_no_regrow_warmup": ({**IO_NO_REGROW, "grown_optimizer_state": "warmup"}, 1),
+    "seft_io_norm_fisher": ({"growth_normalization": "input_output", "sensitivity_statistic": "rms"}, 1),
     "seft_io_norm_wanda": ({"growth_normalization": "input_output", "prune_criterion": "wanda"}, 1),
     "seft_input_norm_reselect_then_static": ({**RESELECT_THEN_STATIC, "growth_normalization": "input"}, 1),
     "seft_io_norm_reselect_then_static": ({**RESELECT_THEN_STATIC, "growth_normalization": "input_output"}, 1),
     "seft_io_norm_reselect_then_static_no_regrow": (  # without re-activation, and so without re-pruning
-        {**RESELECT_THEN_STATIC, "growth_normalization": "input_output", "grow_pruned": False},
+        {**RESELECT_THEN_STATIC, **IO_NO_REGROW},
         1,
     ),
     "seft_seeded": ({"grown_optimizer_state": "seed"}, 1),
@@ -168,6 +172,9 @@ LABELS = {
     "seft_input_norm_reselect_then_static": "SEFT, one re-selection per unit of input, then static",
     "seft_io_norm": "SEFT, growth per unit of input and output gradient",
     "seft_io_norm_no_regrow": "SEFT, growth per unit of input and output gradient, grow_pruned=False",
+    "seft_io_norm_no_regrow_seeded": "SEFT, growth per unit of input and output gradient, grow_pruned=False, seeded",
+    "seft_io_norm_no_regrow_warmup": "SEFT, growth per unit of input and output gradient, grow_pruned=False, warm-up",
+    "seft_io_norm_fisher": "SEFT, growth per unit of input and output gradient, Fisher (OBD) re-pruning",
     "seft_io_norm_wanda": "SEFT, growth per unit of input and output gradient, Wanda re-pruning",
     "seft_io_norm_reselect_then_static": "SEFT, one re-selection per unit of input and output gradient, then static",
     "seft_io_norm_reselect_then_static_no_regrow": (

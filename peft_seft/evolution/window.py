@@ -199,12 +199,14 @@ class GradientWindow:
             return self.sums.abs()
         if kind == "mean_abs":
             return self.abs_sums / max(self.steps, 1)
+        if kind == "rms":
+            return (self.sq_sums / max(self.steps, 1)).sqrt()
         if kind == "consistent":
             # (sum g)^2 - sum g^2 is the sum of g_i * g_j over pairs of different steps: its expectation is
             # n(n - 1) E[g]^2 when the steps are independent, so a spike in one step adds nothing and noise does
             # not favour the positions whose gradient varies most (what ranking by |sum g| does in short windows).
             return self.sums.pow(2) - self.sq_sums
-        raise ValueError(f"Unknown window statistic {kind!r}; use 'abs_sum', 'mean_abs' or 'consistent'.")
+        raise ValueError(f"Unknown window statistic {kind!r}; use 'abs_sum', 'mean_abs', 'rms' or 'consistent'.")
 
     def growth(self, kind: str) -> tuple[torch.Tensor, Candidates]:
         """Growth scores of T (K,) and of the growth candidates."""

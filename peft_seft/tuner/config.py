@@ -15,6 +15,7 @@ DROP_SCHEDULES = ("cosine", "linear")
 PRUNE_CRITERIA = ("sensitivity", "magnitude", "wanda")
 WINDOW_STATISTICS = ("abs_sum", "mean_abs")
 GROWTH_STATISTICS = (*WINDOW_STATISTICS, "consistent")
+SENSITIVITY_STATISTICS = (*WINDOW_STATISTICS, "rms")
 GROWTH_NORMALIZATIONS = ("none", "input", "input_output")
 GROWN_OPTIMIZER_STATES = ("zero", "warmup", "seed")
 
@@ -165,11 +166,14 @@ class SEFTConfig(PeftConfig):
             "correlation), so growth does not pile into the few outputs with the largest gradient. 'none': raw."
         },
     )
-    sensitivity_statistic: Literal["abs_sum", "mean_abs"] = field(
+    sensitivity_statistic: Literal["abs_sum", "mean_abs", "rms"] = field(
         default="abs_sum",
         metadata={
             "help": "Sensitivity of a frozen weight W for re-pruning (and of a pruned one for restoring): 'abs_sum' "
-            "|W * sum of g| over the window (first-order Taylor) or 'mean_abs' mean |W * g|."
+            "|W * sum of g| over the window (first-order Taylor), 'mean_abs' mean |W * g|, or 'rms' "
+            "|W| * sqrt(mean g^2), which ranks as Optimal Brain Damage's W^2 F / 2 with the window's empirical "
+            "Fisher F: a weight whose gradient changes sign between steps counts as sensitive, where first-order "
+            "Taylor calls it harmless."
         },
     )
     candidate_factor: float = field(
@@ -244,7 +248,7 @@ class SEFTConfig(PeftConfig):
         for name, allowed in (
             ("growth_statistic", GROWTH_STATISTICS),
             ("growth_normalization", GROWTH_NORMALIZATIONS),
-            ("sensitivity_statistic", WINDOW_STATISTICS),
+            ("sensitivity_statistic", SENSITIVITY_STATISTICS),
         ):
             if getattr(self, name) not in allowed:
                 fail(name, f"allowed values are {allowed}")

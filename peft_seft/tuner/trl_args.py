@@ -45,7 +45,7 @@ class SEFTArguments:
     seft_prune_criterion: Literal["sensitivity", "magnitude", "wanda"] = _mirror("prune_criterion")
     seft_growth_statistic: Literal["abs_sum", "mean_abs", "consistent"] = _mirror("growth_statistic")
     seft_growth_normalization: Literal["none", "input", "input_output"] = _mirror("growth_normalization")
-    seft_sensitivity_statistic: Literal["abs_sum", "mean_abs"] = _mirror("sensitivity_statistic")
+    seft_sensitivity_statistic: Literal["abs_sum", "mean_abs", "rms"] = _mirror("sensitivity_statistic")
     seft_candidate_factor: float = _mirror("candidate_factor")
     seft_grown_optimizer_state: Literal["zero", "warmup", "seed"] = _mirror("grown_optimizer_state")
     seft_total_steps: int | None = _mirror("total_steps")

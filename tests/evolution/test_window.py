@@ -3,6 +3,8 @@ ranking by single readings got wrong, candidate choice, checkpoint entries and t
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,6 +15,8 @@ from peft_seft import SEFTConfig, SEFTLayer
 from peft_seft.evolution.rounds import drop_count
 from peft_seft.evolution.window import GradientWindow
 from peft_seft.testing import VOCAB, tiny_llama
+
+KINDS = ("abs_sum", "mean_abs", "rms")  # the sensitivity statistics
 
 
 def feed(
@@ -47,6 +51,39 @@ def test_pruning_ranks_by_the_whole_window_not_one_reading():
         prune = window.sensitivity("abs_sum")
         assert prune.positions[prune.scores.argmin()] == 2, readings
         assert sorted(prune.scores.tolist())[0] == pytest.approx(0.15)
+
+
+def test_fisher_sensitivity_keeps_a_weight_whose_gradient_changes_sign():
+    # Position 1 (|W| = 2) reads g = 2, -1, 1, -2: first-order Taylor |W sum g| calls it harmless (0), but
+    # removing it changes the loss at every step; position 2 (|W| = 0.5) reads 0.3 four times.
+    weight = torch.tensor([[1.0, 2.0, 0.5, 1.0]])
+    steps = [torch.tensor([[5.0, g, 0.3, 6.0]]) for g in (2.0, -1.0, 1.0, -2.0)]
+    window = GradientWindow(torch.tensor([0]), 0, 2, grow_pruned=True, in_features=4, out_features=1)
+    feed(window, steps, weight)
+    scores = {kind: dict(zip(*(t.tolist() for t in astuple(window.sensitivity(kind))), strict=True)) for kind in KINDS}
+    assert scores["abs_sum"] == pytest.approx({1: 0.0, 2: 0.6})
+    assert scores["rms"] == pytest.approx({1: 2.0 * 2.5**0.5, 2: 0.15})  # |W| sqrt(mean g^2)
+    assert min(scores["rms"], key=scores["rms"].get) == 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(KINDS), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_sensitivity_scores_match_a_dense_reference(kind, num_steps, seed):
+    generator = torch.Generator().manual_seed(seed)
+    steps = [torch.randn(3, 5, generator=generator) for _ in range(num_steps)]
+    weight = torch.randn(3, 5, generator=generator)
+    window = GradientWindow(torch.tensor([0]), 0, 14, grow_pruned=True, in_features=5, out_features=3)
+    feed(window, steps, weight)
+    stacked = torch.stack([step.reshape(-1) for step in steps]).double()
+    statistic = {
+        "abs_sum": stacked.sum(0).abs(),
+        "mean_abs": stacked.abs().mean(0),
+        "rms": stacked.pow(2).mean(0).sqrt(),
+    }[kind]
+    reference = weight.reshape(-1).double().abs() * statistic
+    prune = window.sensitivity(kind)
+    assert sorted(prune.positions.tolist()) == list(range(1, 15))  # every frozen active weight is a candidate
+    torch.testing.assert_close(prune.scores.double(), reference[prune.positions], rtol=1e-5, atol=1e-7)
 
 
 def test_a_spike_does_not_displace_a_consistent_larger_sum():
