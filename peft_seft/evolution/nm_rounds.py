@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from .rounds import Candidates, RoundCounts, RoundResult, drop_order
+from .rounds import Candidates, RoundCounts, RoundResult, drop_order, replace_slots
 
 
 def nm_group_of(positions: torch.Tensor, in_features: int, m: int) -> torch.Tensor:
@@ -152,10 +152,7 @@ def evolve_nm(
 
     grown = grow_positions[chosen]
     grown_inactive = grow_inactive[chosen]
-    new_indices = indices.clone()
-    new_indices[drop_slots] = grown
-    changed = torch.zeros_like(indices, dtype=torch.bool)
-    changed[drop_slots] = True
+    new_indices, changed = replace_slots(indices, drop_slots, grown)
 
     use_zero = torch.minimum(need, dropped_zero)
     use_frozen = torch.minimum(need - use_zero, frozen_left)
@@ -202,4 +199,4 @@ def evolve_nm(
         repruned=frozen_partners.numel() + dropped_partners.numel(),
         restored=int(restored_mask.sum()),
     )
-    return RoundResult(new_indices, pruned, changed, counts)
+    return RoundResult(new_indices, pruned.sort().values, changed, counts)

@@ -123,10 +123,7 @@ def evolve(
         else:
             break
     grown_inactive = grow_inactive[chosen]
-    new_indices = indices.clone()
-    new_indices[drop_slots] = grown
-    changed = torch.zeros_like(indices, dtype=torch.bool)
-    changed[drop_slots] = True
+    new_indices, changed = replace_slots(indices, drop_slots, grown)
 
     remaining_pruned = ~torch.isin(pruned, grown)
     pruned, restore_scores = pruned[remaining_pruned], restore_scores[remaining_pruned]
@@ -148,7 +145,21 @@ def evolve(
         repruned=repruned,
         restored=restored,
     )
-    return RoundResult(new_indices, pruned, changed, counts)
+    return RoundResult(new_indices, pruned.sort().values, changed, counts)
+
+
+def replace_slots(
+    indices: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``indices`` with ``positions`` in ``slots``, and the (K,) mask of those slots.
+
+    Both go in ascending order, so that the result depends on which slots and positions were chosen, not on how
+    near-equal scores ordered them: ranks that sum the same gradients in another order then still agree."""
+    new_indices = indices.clone()
+    new_indices[slots.sort().values] = positions.sort().values
+    changed = torch.zeros_like(indices, dtype=torch.bool)
+    changed[slots] = True
+    return new_indices, changed
 
 
 def _top_with_cap(scores: torch.Tensor, capped: torch.Tensor, count: int, cap: int) -> torch.Tensor:

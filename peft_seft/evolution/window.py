@@ -92,22 +92,24 @@ class GradientWindow:
         (out,): that micro-batch's sums of squared inputs per column and of squared output gradients per row, needed
         by growth normalization."""
         flat_grad, flat_weight = grad.reshape(-1), weight.reshape(-1)
-        # Keys are ranked largest first; positions that may not be chosen get the key EXCLUDED, added arithmetically
-        # (exact for the others: they add 0) because masked_fill_ and where are several times slower on CPU.
-        exclusion = (flat_weight == 0).float().mul_(EXCLUDED)
+        # Two weight-sized buffers serve every key: fresh ones cost page faults on CPU. Keys are ranked largest
+        # first; positions that may not be chosen get the key EXCLUDED, added arithmetically from a 0/1 float mask
+        # (exact for the others: they add 0), because masked_fill_, where and comparisons into bool are several
+        # times slower on CPU than arithmetic and comparisons into float.
+        keys, scratch = torch.empty_like(flat_grad), torch.empty_like(flat_grad)
+        torch.abs(flat_grad, out=keys)
         if self.growth_normalization != "none":
-            rows, columns = (torch.arange(size, device=grad.device) for size in grad.shape)
-            divisor = self._growth_divisor(column_sq, row_sq, rows[:, None], columns[None, :])
-            keys = grad.abs().div_(divisor).reshape(-1)
-        else:
-            keys = flat_grad.abs()
+            rows, columns = (torch.arange(size, device=grad.device)[:, None] for size in grad.shape)
+            keys.view_as(grad).div_(self._growth_divisor(column_sq, row_sq, rows, columns.T, out=scratch.view_as(grad)))
+        inactive = torch.eq(flat_weight, 0, out=scratch)  # 1.0 where W is zero
         if not self.grow_pruned:
-            keys.add_(exclusion)
+            keys.add_(inactive, alpha=EXCLUDED)
         keys[self.trainable] = EXCLUDED
         grow = _top(keys, self.num_grow)
         prune = torch.empty(0, dtype=torch.long, device=grad.device)
         if self.num_prune:
-            keys = torch.mul(flat_weight.float(), flat_grad).abs_().neg_().add_(exclusion)  # smallest |W * G| first
+            torch.mul(flat_weight, flat_grad, out=keys).abs_().neg_()  # smallest |W * G| first
+            keys.add_(inactive, alpha=EXCLUDED)
             keys[self.trainable] = EXCLUDED
             prune = _top(keys, self.num_prune)
         self.candidates, inverse = torch.cat([grow, prune, pruned.long()]).unique(return_inverse=True)
@@ -222,16 +224,22 @@ class GradientWindow:
         return score[:k], Candidates(self.candidates[self.is_grow], score[k:][self.is_grow])
 
     def _growth_divisor(
-        self, column_sq: torch.Tensor | None, row_sq: torch.Tensor | None, rows: torch.Tensor, columns: torch.Tensor
+        self,
+        column_sq: torch.Tensor | None,
+        row_sq: torch.Tensor | None,
+        rows: torch.Tensor,
+        columns: torch.Tensor,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """||x_j|| (and ||e_i|| with "input_output") at ``rows`` and ``columns``, broadcast together."""
+        """||x_j|| (and ||e_i|| with "input_output") at ``rows`` and ``columns``, broadcast together (into ``out``
+        when both are needed)."""
         if column_sq is None:
             raise ValueError("growth normalization needs the squared inputs per column (column_sq)")
         divisor = column_norms(column_sq)[columns]
         if self.growth_normalization == "input_output":
             if row_sq is None:
                 raise ValueError("growth_normalization='input_output' needs the squared output gradients (row_sq)")
-            divisor = divisor * column_norms(row_sq)[rows]
+            divisor = torch.mul(divisor, column_norms(row_sq)[rows], out=out)
         return divisor
 
     def sensitivity(self, kind: str) -> Candidates:

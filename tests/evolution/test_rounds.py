@@ -100,6 +100,32 @@ def test_evolve_grows_the_largest_gradients_and_prunes_the_least_sensitive():
     assert (result.counts.reactivated, result.counts.repruned) == (1, 1)
 
 
+def test_a_round_does_not_depend_on_the_order_of_near_equal_scores():
+    """Ranks that sum the same gradients in another order get scores that differ in the last bit: which positions
+    are chosen must decide the result, not in which order near-equal scores put them."""
+    eps = 1e-6
+
+    def round_with(swap: bool):
+        first, second = (1.0 + eps, 1.0) if swap else (1.0, 1.0 + eps)
+        return evolve(
+            indices=torch.tensor([10, 11, 12]),
+            drop_keys=torch.tensor([0.1 * second, 0.1 * first, 0.9]),  # slots 0 and 1 are dropped
+            pruned=torch.tensor([], dtype=torch.long),
+            zero_in_base=torch.tensor([False, False, False]),
+            grow=Candidates(torch.tensor([3, 5, 6]), torch.tensor([first, second, 0.5])),  # 3 and 5 are grown
+            grow_inactive=torch.tensor([True, True, False]),
+            prune=Candidates(torch.tensor([7, 8, 9]), torch.tensor([0.5 * first, 0.5 * second, 2.0])),
+            restore_scores=torch.tensor([]),
+            num_drop=2,
+        )
+
+    results = [round_with(swap) for swap in (False, True)]
+    for result in results:
+        assert result.indices.tolist() == [3, 5, 12]  # ascending positions into ascending slots
+        assert result.pruned.tolist() == [7, 8]
+        assert result.changed_slots.tolist() == [True, True, False]
+
+
 def keep_round(trainable_scores: list[float], num_drop: int):
     """T = {4, 5} with |delta| 0.1 and 0.9 (slot 0 is dropped first); candidates 6 and 7 score 1.0 and 3.0."""
     return evolve(
