@@ -114,6 +114,8 @@ SEFT_VARIANTS = {
     "seft_16x": ({}, 16),
     "seft_static_8x": ({"initial_drop_rate": 0.0}, 8),
     "seft_io_norm_no_regrow_8x": (IO_NO_REGROW, 8),
+    "seft_io_norm_8x": ({"growth_normalization": "input_output"}, 8),
+    "seft_io_norm_fisher_8x": ({"growth_normalization": "input_output", "sensitivity_statistic": "rms"}, 8),
     "seft_input_norm": ({"growth_normalization": "input"}, 1),
     "seft_input_norm_warmup": ({"growth_normalization": "input", "grown_optimizer_state": "warmup"}, 1),
     "seft_input_norm_no_regrow": ({"growth_normalization": "input", "grow_pruned": False}, 1),
@@ -163,6 +165,8 @@ LABELS = {
     "seft_16x": "SEFT, 16x the trainable values (equal-memory view)",
     "seft_static_8x": "SEFT static, 8x the trainable values (equal-memory view)",
     "seft_io_norm_no_regrow_8x": "SEFT, growth per unit of input and output gradient, grow_pruned=False, 8x the values",
+    "seft_io_norm_8x": "SEFT, growth per unit of input and output gradient, 8x the values",
+    "seft_io_norm_fisher_8x": "SEFT, growth per unit of input and output gradient, Fisher re-pruning, 8x the values",
     "seft_seeded": "SEFT, seeded Adam moments",
     "seft_warmup": "SEFT, warm-up of grown entries (seeded second moment)",
     "seft_no_regrow_warmup": "SEFT grow_pruned=False, warm-up of grown entries",
@@ -657,6 +661,14 @@ def label(setting: str, method: str) -> str:
     return NM_LABELS.get(method, LABELS[method]) if SETTINGS[setting][1] else LABELS[method]
 
 
+def short_label(setting: str, method: str) -> str:
+    """The label without its parenthesis, in the words of a plot."""
+    text = label(setting, method).split(" (")[0]
+    for long, short in (("growth per unit of input and output gradient", "io growth"), ("trainable values", "values")):
+        text = text.replace(long, short)
+    return text
+
+
 def machine_info(args: argparse.Namespace) -> list[str]:
     import peft
     import transformers
@@ -707,7 +719,7 @@ def write_report(args, argv, info, results, started, log, previous=None) -> None
         if args.append and sweep_json.is_file():  # keep earlier sweep rows of other (method, lr) pairs
             done = {(r["method"], r["lr"]) for r in rows}
             old = [r for r in json.loads(sweep_json.read_text())["results"] if (r["method"], r["lr"]) not in done]
-            rows = sorted(old + rows, key=lambda r: (list(SWEEP_GRID).index(r["method"]), r["lr"]))
+            rows = sorted(old + rows, key=lambda r: (ALL_METHODS.index(r["method"]), r["lr"]))
             argv = [*json.loads(sweep_json.read_text())["argv"], "+", *argv]
         sweep_json.write_text(json.dumps({"argv": argv, "info": info, "results": rows}, indent=1))
         return write_sweep(args, argv, info, rows, started)
@@ -962,9 +974,7 @@ def plot(args, info, rows) -> None:
             ax.axhline(info["dense_ppl"], color="black", linestyle="--", linewidth=1, label="dense")
             ax.legend(loc="upper right", fontsize=8)
         ax.set_xticks(range(len(chosen)))
-        ax.set_xticklabels(
-            [label(setting, r["method"]).split(" (")[0] for r in chosen], rotation=35, ha="right", fontsize=8
-        )
+        ax.set_xticklabels([short_label(setting, r["method"]) for r in chosen], rotation=35, ha="right", fontsize=8)
         ax.set_yscale("log")
         ax.set_title(f"Wanda {setting}")
         ax.set_ylabel("held-out perplexity (log)")
@@ -998,13 +1008,14 @@ def plot_pareto(args, rows, plt) -> None:
                 keeps = r["nnz_merged"] == r["nnz_base"] and r["nm_ok"] is not False
                 ax.plot(r[key], r["ppl"], "o", color="tab:green" if keeps else "tab:red")
                 ax.annotate(
-                    label(setting, r["method"]).split(" (")[0],
+                    short_label(setting, r["method"]),
                     (r[key], r["ppl"]),
                     fontsize=7,
                     xytext=(4, 3),
                     textcoords="offset points",
-                )
+                ).set_in_layout(False)  # long labels must not shrink the axes
             ax.set_yscale("log")
+            ax.margins(x=0.3)  # room for the labels of the rightmost points
             ax.set_xlabel(xlabel)
             ax.set_ylabel("held-out perplexity (log)")
             ax.set_title(f"Wanda {setting}", fontsize=9)

@@ -186,7 +186,8 @@ class Evolution:
                 rate = self.rate_at(adapter_name, next_round) if config.total_steps is not None else 1.0
                 replaced = drop_count(values.numel(), rate)
                 num_grow = math.ceil(config.candidate_factor * replaced)
-                num_prune = num_grow if config.prune_criterion == "sensitivity" else 0
+                # without re-activation a round never re-prunes: no prune candidates to track
+                num_prune = num_grow if config.prune_criterion == "sensitivity" and config.grow_pruned else 0
                 layer.open_window(adapter_name, num_grow, num_prune, config.grow_pruned, config.growth_normalization)
 
     def _run_round(self, name: str, layers: list[SEFTLayer], step: int, optimizer: torch.optim.Optimizer) -> None:

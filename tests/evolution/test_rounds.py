@@ -21,7 +21,7 @@ def window_round(layer: SEFTLinear, rate: float, config: SEFTConfig, steps: int 
     the layer's own backward, then the round; returns what ``evolve_adapter`` returns."""
     values = layer.seft_values["default"]
     num_grow = math.ceil(config.candidate_factor * drop_count(values.numel(), rate))
-    num_prune = num_grow if config.prune_criterion == "sensitivity" else 0
+    num_prune = num_grow if config.prune_criterion == "sensitivity" and config.grow_pruned else 0
     layer.open_window("default", num_grow, num_prune, config.grow_pruned)
     for _ in range(steps):
         for _ in range(micro_batches):

@@ -59,6 +59,29 @@ def test_nan_gradients_skip_the_round_and_zero_budget_layers_are_no_ops(caplog):
         check_invariants(layer)
 
 
+@pytest.mark.parametrize("grow_pruned", [True, False])
+def test_windows_track_prune_candidates_only_when_a_round_can_reprune(grow_pruned):
+    config = SEFTConfig(
+        target_modules=["first"],
+        density=0.2,
+        update_interval=4,
+        selection_steps=2,
+        total_steps=12,
+        grow_pruned=grow_pruned,
+    )
+    model = get_peft_model(TwoLayers(), config)
+    layer = next(m for m in model.modules() if isinstance(m, SEFTLayer))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    for _ in range(3):  # the window of the round at step 4 opens before step 3's forward
+        model(torch.randn(8, 12)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    window = layer._windows["default"]
+    assert window.selected and window.num_grow > 0
+    assert (window.num_prune > 0) == grow_pruned
+    assert bool(window.is_prune.any()) == grow_pruned
+
+
 def update_ratios_after_round(round_step: int, micro_batches: int, grown_optimizer_state: str) -> list[float]:
     """Median |update| of the entries grown at ``round_step`` over the median |update| of established entries in the
     same AdamW step, for each of the 9 steps after the round (before the next one). A fixed batch and a tiny learning
