@@ -99,8 +99,9 @@ class GradientWindow:
         keys, scratch = torch.empty_like(flat_grad), torch.empty_like(flat_grad)
         torch.abs(flat_grad, out=keys)
         if self.growth_normalization != "none":
-            rows, columns = (torch.arange(size, device=grad.device)[:, None] for size in grad.shape)
-            keys.view_as(grad).div_(self._growth_divisor(column_sq, row_sq, rows, columns.T, out=scratch.view_as(grad)))
+            rows, columns = (torch.arange(size, device=grad.device) for size in grad.shape)
+            divisor = self._growth_divisor(column_sq, row_sq, rows[:, None], columns[None, :], scratch.view_as(grad))
+            keys.view_as(grad).div_(divisor)
         inactive = torch.eq(flat_weight, 0, out=scratch)  # 1.0 where W is zero
         if not self.grow_pruned:
             keys.add_(inactive, alpha=EXCLUDED)

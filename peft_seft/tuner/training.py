@@ -26,6 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..evolution.rounds import RoundCounts, drop_count, drop_rate
 from ..utils.distributed import WeightShard, check_supported_sharding, is_distributed, local_part, values_range
+from .config import SEFTConfig
 from .layer import EMPTY_SLOT, SEFTLayer
 
 logger = logging.getLogger("peft_seft")
@@ -55,6 +56,14 @@ class RoundReport:
             }
         )
         return logs
+
+
+def window_size(config: SEFTConfig, num_trainable: int, rate: float) -> tuple[int, int]:
+    """Growth and prune candidates a window tracks for a round of drop rate ``rate``: candidate_factor times the
+    positions the round replaces, and as many prune candidates when the round may re-prune (sensitivity criterion,
+    with re-activation: without it a round never re-prunes)."""
+    num_grow = math.ceil(config.candidate_factor * drop_count(num_trainable, rate))
+    return num_grow, num_grow if config.prune_criterion == "sensitivity" and config.grow_pruned else 0
 
 
 class Evolution:
@@ -184,10 +193,7 @@ class Evolution:
             elif adapter_name not in layer._windows:
                 # Before total_steps is known (a forward before the Trainer set it) size for the largest rate.
                 rate = self.rate_at(adapter_name, next_round) if config.total_steps is not None else 1.0
-                replaced = drop_count(values.numel(), rate)
-                num_grow = math.ceil(config.candidate_factor * replaced)
-                # without re-activation a round never re-prunes: no prune candidates to track
-                num_prune = num_grow if config.prune_criterion == "sensitivity" and config.grow_pruned else 0
+                num_grow, num_prune = window_size(config, values.numel(), rate)
                 layer.open_window(adapter_name, num_grow, num_prune, config.grow_pruned, config.growth_normalization)
 
     def _run_round(self, name: str, layers: list[SEFTLayer], step: int, optimizer: torch.optim.Optimizer) -> None:

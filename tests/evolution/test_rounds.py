@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from peft import get_peft_model
 
 from peft_seft import SEFTConfig, SEFTLinear
-from peft_seft.evolution.rounds import Candidates, drop_count, drop_rate, evolve, structural_active_count
-from peft_seft.tuner.training import reset_optimizer_state
+from peft_seft.evolution.rounds import Candidates, drop_rate, evolve, structural_active_count
+from peft_seft.tuner.training import reset_optimizer_state, window_size
 from peft_seft.utils.sparsity import logical_weight
 
 
@@ -20,8 +20,7 @@ def window_round(layer: SEFTLinear, rate: float, config: SEFTConfig, steps: int 
     """Open a window sized for a round of ``rate``, run ``steps`` optimizer steps of random output gradients through
     the layer's own backward, then the round; returns what ``evolve_adapter`` returns."""
     values = layer.seft_values["default"]
-    num_grow = math.ceil(config.candidate_factor * drop_count(values.numel(), rate))
-    num_prune = num_grow if config.prune_criterion == "sensitivity" and config.grow_pruned else 0
+    num_grow, num_prune = window_size(config, values.numel(), rate)
     layer.open_window("default", num_grow, num_prune, config.grow_pruned)
     for _ in range(steps):
         for _ in range(micro_batches):
