@@ -114,6 +114,8 @@ SEFT_VARIANTS = {
     "seft_16x": ({}, 16),
     "seft_static_8x": ({"initial_drop_rate": 0.0}, 8),
     "seft_io_norm_no_regrow_8x": (IO_NO_REGROW, 8),
+    "seft_io_norm_no_regrow_8x_seeded": ({**IO_NO_REGROW, "grown_optimizer_state": "seed"}, 8),
+    "seft_io_norm_no_regrow_8x_warmup": ({**IO_NO_REGROW, "grown_optimizer_state": "warmup"}, 8),
     "seft_io_norm_8x": ({"growth_normalization": "input_output"}, 8),
     "seft_io_norm_fisher_8x": ({"growth_normalization": "input_output", "sensitivity_statistic": "rms"}, 8),
     "seft_input_norm": ({"growth_normalization": "input"}, 1),
@@ -165,6 +167,12 @@ LABELS = {
     "seft_16x": "SEFT, 16x the trainable values (equal-memory view)",
     "seft_static_8x": "SEFT static, 8x the trainable values (equal-memory view)",
     "seft_io_norm_no_regrow_8x": "SEFT, growth per unit of input and output gradient, grow_pruned=False, 8x the values",
+    "seft_io_norm_no_regrow_8x_seeded": (
+        "SEFT, growth per unit of input and output gradient, grow_pruned=False, 8x the values, seeded"
+    ),
+    "seft_io_norm_no_regrow_8x_warmup": (
+        "SEFT, growth per unit of input and output gradient, grow_pruned=False, 8x the values, warm-up"
+    ),
     "seft_io_norm_8x": "SEFT, growth per unit of input and output gradient, 8x the values",
     "seft_io_norm_fisher_8x": "SEFT, growth per unit of input and output gradient, Fisher re-pruning, 8x the values",
     "seft_seeded": "SEFT, seeded Adam moments",
