@@ -64,7 +64,7 @@ NM_METHODS = ["pruned", "seft", "seft_nm_reactivate", "seft_static", "lora", "ma
 # SEFT variants: SEFTConfig overrides, and the trainable count as a multiple of LoRA's (seft_4x, seft_8x, seft_16x: the
 # equal-memory view, SEFT given more values for the memory masked LoRA takes). The *_seeded variants seed Adam's
 # moments of grown entries (grown_optimizer_state="seed", the default while part of the 2026-11-30 runs were made);
-# the *_warmup variants seed only the second moment, the *_unbiased ones the first from the next step's gradient.
+# the *_warmup variants seed only the second moment.
 # One full re-selection of the positions by the window after the first interval, then (almost) no evolution.
 RESELECT_THEN_STATIC = {
     "growth_statistic": "consistent",
@@ -116,7 +116,6 @@ SEFT_VARIANTS = {
     "seft_io_norm_no_regrow_8x": (IO_NO_REGROW, 8),
     "seft_io_norm_no_regrow_8x_seeded": ({**IO_NO_REGROW, "grown_optimizer_state": "seed"}, 8),
     "seft_io_norm_no_regrow_8x_warmup": ({**IO_NO_REGROW, "grown_optimizer_state": "warmup"}, 8),
-    "seft_io_norm_no_regrow_8x_unbiased": ({**IO_NO_REGROW, "grown_optimizer_state": "unbiased"}, 8),
     "seft_io_norm_8x": ({"growth_normalization": "input_output"}, 8),
     "seft_io_norm_fisher_8x": ({"growth_normalization": "input_output", "sensitivity_statistic": "rms"}, 8),
     "seft_input_norm": ({"growth_normalization": "input"}, 1),
@@ -126,7 +125,6 @@ SEFT_VARIANTS = {
     "seft_io_norm_no_regrow": (IO_NO_REGROW, 1),
     "seft_io_norm_no_regrow_seeded": ({**IO_NO_REGROW, "grown_optimizer_state": "seed"}, 1),
     "seft_io_norm_no_regrow_warmup": ({**IO_NO_REGROW, "grown_optimizer_state": "warmup"}, 1),
-    "seft_io_norm_no_regrow_unbiased": ({**IO_NO_REGROW, "grown_optimizer_state": "unbiased"}, 1),
     "seft_io_norm_fisher": ({"growth_normalization": "input_output", "sensitivity_statistic": "rms"}, 1),
     "seft_io_norm_wanda": ({"growth_normalization": "input_output", "prune_criterion": "wanda"}, 1),
     "seft_input_norm_reselect_then_static": ({**RESELECT_THEN_STATIC, "growth_normalization": "input"}, 1),
@@ -137,7 +135,6 @@ SEFT_VARIANTS = {
     ),
     "seft_seeded": ({"grown_optimizer_state": "seed"}, 1),
     "seft_warmup": ({"grown_optimizer_state": "warmup"}, 1),
-    "seft_unbiased": ({"grown_optimizer_state": "unbiased"}, 1),
     "seft_no_regrow_warmup": ({"grow_pruned": False, "grown_optimizer_state": "warmup"}, 1),
     "seft_no_regrow_seeded": ({"grow_pruned": False, "grown_optimizer_state": "seed"}, 1),
     "seft_magnitude_seeded": ({"prune_criterion": "magnitude", "grown_optimizer_state": "seed"}, 1),
@@ -176,14 +173,10 @@ LABELS = {
     "seft_io_norm_no_regrow_8x_warmup": (
         "SEFT, growth per unit of input and output gradient, grow_pruned=False, 8x the values, warm-up"
     ),
-    "seft_io_norm_no_regrow_8x_unbiased": (
-        "SEFT, growth per unit of input and output gradient, grow_pruned=False, 8x the values, unbiased seeding"
-    ),
     "seft_io_norm_8x": "SEFT, growth per unit of input and output gradient, 8x the values",
     "seft_io_norm_fisher_8x": "SEFT, growth per unit of input and output gradient, Fisher re-pruning, 8x the values",
     "seft_seeded": "SEFT, seeded Adam moments",
     "seft_warmup": "SEFT, warm-up of grown entries (seeded second moment)",
-    "seft_unbiased": "SEFT, unbiased seeding of grown entries (first moment from their next gradient)",
     "seft_no_regrow_warmup": "SEFT grow_pruned=False, warm-up of grown entries",
     "seft_no_regrow_seeded": "SEFT grow_pruned=False, seeded Adam moments",
     "seft_magnitude_seeded": "SEFT prune_criterion=magnitude, seeded Adam moments",
@@ -197,9 +190,6 @@ LABELS = {
     "seft_io_norm_no_regrow": "SEFT, growth per unit of input and output gradient, grow_pruned=False",
     "seft_io_norm_no_regrow_seeded": "SEFT, growth per unit of input and output gradient, grow_pruned=False, seeded",
     "seft_io_norm_no_regrow_warmup": "SEFT, growth per unit of input and output gradient, grow_pruned=False, warm-up",
-    "seft_io_norm_no_regrow_unbiased": (
-        "SEFT, growth per unit of input and output gradient, grow_pruned=False, unbiased seeding"
-    ),
     "seft_io_norm_fisher": "SEFT, growth per unit of input and output gradient, Fisher (OBD) re-pruning",
     "seft_io_norm_wanda": "SEFT, growth per unit of input and output gradient, Wanda re-pruning",
     "seft_io_norm_reselect_then_static": "SEFT, one re-selection per unit of input and output gradient, then static",

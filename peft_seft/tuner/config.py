@@ -17,7 +17,7 @@ WINDOW_STATISTICS = ("abs_sum", "mean_abs")
 GROWTH_STATISTICS = (*WINDOW_STATISTICS, "consistent")
 SENSITIVITY_STATISTICS = (*WINDOW_STATISTICS, "rms")
 GROWTH_NORMALIZATIONS = ("none", "input", "input_output")
-GROWN_OPTIMIZER_STATES = ("zero", "warmup", "seed", "unbiased")
+GROWN_OPTIMIZER_STATES = ("zero", "warmup", "seed")
 
 
 @dataclass
@@ -184,7 +184,7 @@ class SEFTConfig(PeftConfig):
             "Larger values find more of the exact best positions at a higher window cost."
         },
     )
-    grown_optimizer_state: Literal["zero", "warmup", "seed", "unbiased"] = field(
+    grown_optimizer_state: Literal["zero", "warmup", "seed"] = field(
         default="zero",
         metadata={
             "help": "Optimizer state of a slot whose position changed. 'zero': zeroed, for any torch optimizer (with "
@@ -192,10 +192,7 @@ class SEFTConfig(PeftConfig):
             "about 3x late). Adam family only: 'warmup' seeds the second moment with the window's mean square "
             "gradient and zeroes the first, so the entry's updates ramp up with its momentum from (1 - beta1) of "
             "an established entry's size at any step; 'seed' seeds both moments with the window's mean and mean "
-            "square (SpIEL): full-size first updates, which made every round spike the loss on Wanda-70% SmolLM2 "
-            "(the round chose the entries because that mean was large, mostly by noise); 'unbiased' seeds the "
-            "second moment with the window's mean square and the first, right before the next step, with that "
-            "step's gradient: an established entry's size at any step, without the selection's bias."
+            "square (SpIEL): full-size first updates, which made every round spike the loss on Wanda-70% SmolLM2."
         },
     )
     total_steps: int | None = field(

@@ -3,9 +3,8 @@
 A global optimizer-step hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) sees every
 ``optimizer.step()``. For each SEFT adapter whose values that optimizer trains it counts the step, opens the
 gradient window ``selection_steps`` before each round, runs the round every ``update_interval`` steps, and
-resets (or seeds) the optimizer state of every slot whose position changed; a global pre-step hook seeds Adam's
-first moment of grown slots from their next gradient (``grown_optimizer_state="unbiased"``). Plain PyTorch loops,
-the transformers Trainer and TRL's SFTTrainer therefore need no extra code. Rounds stop at ``total_steps``
+resets (or seeds) the optimizer state of every slot whose position changed. Plain PyTorch loops, the
+transformers Trainer and TRL's SFTTrainer therefore need no extra code. Rounds stop at ``total_steps``
 (taken from the Trainer's max steps when unset, see callbacks.py).
 
 Under torch.distributed (DDP, FSDP2) the windows' statistics are reduced over ranks (window.py, layer.py), so every
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..evolution.rounds import RoundCounts, drop_count, drop_rate
 from ..utils.distributed import WeightShard, check_supported_sharding, is_distributed, local_part, values_range
@@ -74,13 +73,9 @@ class Evolution:
         self._tuner = weakref.ref(tuner)
         self.reports: list[RoundReport] = []
         self._scheduled: dict[str, tuple] = {}
-        # Per optimizer (by id): the (values, changed slots) whose first moment waits for their next gradient.
-        self._pending_first_moments: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         tuner_ref = self._tuner
         handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: _on_step(tuner_ref, optimizer))
-        before = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: _before_step(tuner_ref, optimizer))
         weakref.finalize(tuner, handle.remove)
-        weakref.finalize(tuner, before.remove)
 
     def __getstate__(self) -> dict:
         # Pickling or deep-copying a SEFT model copies its tuner: the copy gets an Evolution bound to the copied tuner
@@ -114,15 +109,6 @@ class Evolution:
                 if id(values) in param_ids and values.requires_grad:
                     trained.setdefault(name, []).append(layer)
         return dict(sorted(trained.items()))
-
-    def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Seed the first moment of the slots grown by the last round from the gradient this step applies."""
-        pending = self._pending_first_moments.pop(id(optimizer), None)
-        if pending and not _initializes_state(optimizer):
-            for values, changed in pending:
-                seed_first_moment(optimizer, values, changed)
-        elif pending:
-            self._pending_first_moments[id(optimizer)] = pending
 
     def on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         trained_layers = self.trained_layers(optimizer)
@@ -237,11 +223,8 @@ class Evolution:
             seed = None
             if config.grown_optimizer_state != "zero":
                 seed = window.optimizer_seed(layer.seft_indices[name][changed].long())
-                if config.grown_optimizer_state in ("warmup", "unbiased"):
+                if config.grown_optimizer_state == "warmup":
                     seed = (torch.zeros_like(seed[0]), seed[1])
-                if config.grown_optimizer_state == "unbiased":
-                    pending = self._pending_first_moments.setdefault(id(optimizer), [])
-                    pending.append((layer.seft_values[name], changed))
             reset_optimizer_state(optimizer, layer.seft_values[name], changed, seed)
             total = total + counts
         active, budget = self.active_count(name, [layer for layer in self.layers() if name in layer.seft_values])
@@ -282,12 +265,6 @@ def _on_step(tuner_ref: weakref.ref, optimizer: torch.optim.Optimizer) -> None:
     tuner = tuner_ref()
     if tuner is not None:
         tuner.evolution.on_optimizer_step(optimizer)
-
-
-def _before_step(tuner_ref: weakref.ref, optimizer: torch.optim.Optimizer) -> None:
-    tuner = tuner_ref()
-    if tuner is not None:
-        tuner.evolution.before_optimizer_step(optimizer)
 
 
 def _initializes_state(optimizer: torch.optim.Optimizer) -> bool:
@@ -388,23 +365,3 @@ def reset_optimizer_state(
             for key, target in (("exp_avg", mean * (1 - beta1**step)), ("exp_avg_sq", mean_square * (1 - beta2**step))):
                 local = local_part(state[key])
                 local[changed] = target.to(local)
-
-
-def seed_first_moment(optimizer: torch.optim.Optimizer, param: torch.Tensor, changed: torch.Tensor) -> None:
-    """Right before an Adam-family step: the first moment at the ``changed`` slots set to their gradient of this step
-    times (1 - beta1^t), so that the step's bias-corrected first moment is exactly that gradient, at any global step
-    t. The window's mean gradient is no estimate of it: the round chose these positions because that mean was
-    large, mostly by noise on small batches (selection bias); this step's gradient was not part of the choice.
-    Optimizers without ``exp_avg`` are left as they are (their state at the slots was zeroed at the round)."""
-    state = optimizer.state.get(param)
-    if not state or "exp_avg" not in state or "step" not in state or param.grad is None or not changed.any():
-        return
-    part = values_range(param)
-    if part is not None:
-        changed = changed[part[0] : part[1]]
-    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
-    beta1 = group["betas"][0]
-    step = float(local_part(state["step"]))
-    with torch.no_grad():
-        exp_avg = local_part(state["exp_avg"])
-        exp_avg[changed] = local_part(param.grad)[changed].to(exp_avg) * (1 - beta1**step)

@@ -32,12 +32,11 @@ STEPS, ACCUMULATION, GLOBAL_BATCH, SEQ_LEN = 10, 2, 4, 24
 RESUME_AT = 6  # inside the window of the round at step 8 (steps 6-8)
 
 
-# The seeded variant: Adam's second moment of grown slots seeded from the window and the first from their next
-# gradient (a pre-step hook, on each rank's shard), Wanda re-pruning (squared inputs summed over ranks, the whole
-# weight gathered for the round), growth per unit of input and output gradient (both squares reduced over ranks), and
-# gradient clipping (the window's sums rescaled by the factor); the FSDP2 run also uses activation checkpointing (the
-# reference does not).
-SEEDED = {"grown_optimizer_state": "unbiased", "prune_criterion": "wanda", "growth_normalization": "input_output"}
+# The seeded variant: Adam moments of grown slots seeded from the window, Wanda re-pruning (squared inputs summed over
+# ranks, the whole weight gathered for the round), growth per unit of input and output gradient (both squares reduced
+# over ranks), and gradient clipping (the window's sums rescaled by the factor); the FSDP2 run also uses activation
+# checkpointing (the reference does not).
+SEEDED = {"grown_optimizer_state": "seed", "prune_criterion": "wanda", "growth_normalization": "input_output"}
 CLIP = 0.05
 
 
