@@ -274,7 +274,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-eval-tokens", type=int, default=1024, help="validation tokens (calibration split)")
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "seft_compare_methods")
     p.add_argument("--out", type=Path, default=HERE / "results" / "compare_methods")
-    p.add_argument("--report-only", action="store_true", help="rewrite the report and plot from the results file")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the report and plot from the results file; its Settings section describes the flags given "
+        "here, so repeat the runs' --settings, --steps, --selection-steps, --update-interval and --seed",
+    )
     p.add_argument(
         "--compare-with",
         nargs="+",
